@@ -1,0 +1,361 @@
+"""Typed, strict configuration: YAML files under jobs/configs/ plus dotted `key=value` overrides.
+
+    cfg = load_config("jobs/configs/default.yaml", ["train.num_workers=1", "tasks.sst2.weight=2"])
+
+Unknown keys, wrong types and impossible values fail at load time with one `PipelineError` that lists
+every problem as `<key>: <what> — <fix>`. Relative paths are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import PipelineError, Problem
+from pipeline.tasks import BUILTIN, METRICS_BY_KIND, SPLITS, Columns, FilesSource, SplitFiles, TaskRegistry, TaskSpec
+
+HOME = Path(os.environ.get("MTL_HOME", "~/.cache/mtl-pipeline")).expanduser()
+
+
+class _Problems(ValueError):
+    """Raised inside validators so that each problem keeps its own key and fix."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("; ".join(map(str, problems)))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(Strict):
+    name: str = "minilm-l6"
+    """Model reference: a packaged model (`minilm-l6`, `smollm2-135m`), a test config (`tiny-bert`,
+    `tiny-llama`), a local folder, or a hub id (needs a network)."""
+    max_length: int = Field(128, ge=8, le=32768)
+    """Input tokens per example; longer inputs are truncated. Batches are padded dynamically."""
+    max_target_length: int = Field(64, ge=1, le=4096)
+    """Summary tokens kept per summarization target (a task's own `max_target_tokens` wins if smaller)."""
+
+
+class DataConfig(Strict):
+    glue_dir: Path | None = None
+    """A folder in the standard GLUE layout (`SST-2/train.tsv`, ...). Unset: GLUE tasks load from the hub."""
+    cache_dir: Path = HOME / "data"
+    """Root of the preprocessed cache; each task lands in `<cache_dir>/<task>/<key>/`, key = content hash."""
+    cache_path: Path | None = None
+    """Pin the cache to this folder (`<cache_path>/<task>/`) instead of keyed folders. A pinned cache
+    built with another tokenizer is an error; any other change rebuilds it in place."""
+    carve_seed: int = 0
+    """Seed of the hash that carves train/validation/test out of sources that lack them."""
+    batch_rows: int = Field(1024, ge=1)
+    """Rows per Ray Data batch when normalising and tokenizing."""
+
+    @field_validator("glue_dir", "cache_dir", "cache_path", mode="after")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return None if v is None else v.expanduser()
+
+    @field_validator("glue_dir", mode="after")
+    @classmethod
+    def _glue_dir_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise _Problems([Problem("data.glue_dir", f"{v} is not a folder",
+                                     "point it at a folder holding SST-2/, MRPC/, ... in the GLUE layout, or unset it to use the hub")])
+        return v
+
+
+class ColumnsConfig(Strict):
+    text: str
+    """Column holding the input text."""
+    text_pair: str | None = None
+    """Column holding the second text of a pair task."""
+    label: str | None = None
+    """Column holding the class (name or index) or the regression score."""
+    target: str | None = None
+    """Column holding the summary (summarization)."""
+    id: str | None = None
+    """Column holding a row id; without one, ids are content hashes."""
+
+
+class TaskDefinition(Strict):
+    """A user task read from local files: no code needed."""
+
+    kind: Literal["classification", "regression", "summarization"]
+    format: Literal["tsv", "csv", "jsonl", "parquet"]
+    """File format. TSV is read without quoting (GLUE style); CSV with standard quoting."""
+    files: dict[str, str | list[str]]
+    """Split name -> file path(s) (`train`, `validation`, `test`, or any name used by `carve_from`)."""
+    columns: ColumnsConfig
+    column_names: list[str] | None = None
+    """Column names of header-less TSV/CSV files, in order."""
+    carve_from: str | None = None
+    """A split in `files` to divide into the splits of `carve` by a seeded hash of each row."""
+    carve: dict[Literal["train", "validation", "test"], float] | None = None
+    """Fractions for `carve_from`, e.g. {train: 0.8, validation: 0.1, test: 0.1}."""
+    num_labels: int | None = Field(None, ge=1)
+    """Classes (classification; implied by label_names) — regression is always 1."""
+    label_names: list[str] | None = None
+    """Raw label strings in class-index order; without it labels must be integers 0..num_labels-1."""
+    label_range: tuple[float, float] | None = None
+    """Regression: inclusive bounds; rows outside are dropped and counted."""
+    metrics: list[str] | None = None
+    """Metrics, primary first. Default: accuracy+f1 / pearson+spearman / ROUGE."""
+    prompt: str | None = None
+    """Template for generative use, with `{text}` and `{text_pair}`."""
+    max_target_tokens: int | None = Field(None, ge=1)
+    """Summarization: declared summary length in tokens."""
+    where: dict[str, str] = {}
+    """Keep only rows whose column equals the value."""
+
+    def to_spec(self, name: str) -> TaskSpec:
+        splits = {s: SplitFiles(tuple([p] if isinstance(p, str) else p),
+                                tuple(self.column_names) if self.column_names else None)
+                  for s, p in self.files.items()}
+        source = FilesSource(self.format, "", splits, Columns(**self.columns.model_dump()), where=dict(self.where),
+                             carve_from=self.carve_from, carve=dict(self.carve or {}))
+        num_labels = {"regression": 1, "summarization": 0}.get(self.kind) or (
+            len(self.label_names) if self.label_names else (self.num_labels or 0))
+        default_metrics = {"classification": ["accuracy", "f1"], "regression": ["pearson", "spearman"],
+                           "summarization": list(METRICS_BY_KIND["summarization"])}[self.kind]
+        return TaskSpec(name, self.kind, f"User task from {self.format} files.", local=source, num_labels=num_labels,
+                        label_names=tuple(self.label_names) if self.label_names else None,
+                        label_range=self.label_range, metrics=tuple(self.metrics or default_metrics),
+                        prompt=self.prompt, max_target_tokens=self.max_target_tokens)
+
+
+class TaskConfig(Strict):
+    weight: float = Field(1.0, ge=0)
+    """Loss weight; all weights are normalised to sum to the number of tasks (equal = 1.0 each)."""
+    ratio: float | None = Field(None, ge=0)
+    """Sampling ratio, used when `sampling.strategy` is `explicit`; normalised to sum to 1."""
+    max_rows: dict[Literal["train", "validation", "test"], int] = {}
+    """Use at most this many rows of a split (the cache always holds every row)."""
+    define: TaskDefinition | None = None
+    """Declare a new task from local files (only for names that are not built in)."""
+
+    @field_validator("max_rows", mode="after")
+    @classmethod
+    def _positive(cls, v: dict[str, int]) -> dict[str, int]:
+        bad = {k: n for k, n in v.items() if n < 1}
+        if bad:
+            raise ValueError(f"row limits must be >= 1, got {bad}")
+        return v
+
+
+class SamplingConfig(Strict):
+    strategy: Literal["explicit", "proportional", "temperature"] = "proportional"
+    """Which task each step trains on: `explicit` ratios, `proportional` to train rows, or
+    `temperature` (p ∝ n^(1/T); T=1 is proportional, large T approaches uniform)."""
+    temperature: float = Field(2.0, gt=0)
+    """T of the `temperature` strategy."""
+
+
+class TrainConfig(Strict):
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (one process each; one GPU each when `use_gpu`)."""
+
+
+class Config(Strict):
+    name: str = Field("mtl", min_length=1)
+    """Experiment name: the MLflow experiment and the Ray Train run name."""
+    seed: int = 0
+    """Seed for initialisation, task sampling and shuffling."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    tasks: dict[str, TaskConfig] = Field(min_length=1)
+    """Tasks to train on, by name: built-in tasks (see README) or user tasks with `define:`."""
+    sampling: SamplingConfig = SamplingConfig()
+    train: TrainConfig = TrainConfig()
+
+    @field_validator("tasks", mode="after")
+    @classmethod
+    def _known_tasks(cls, tasks: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        problems = []
+        for name, task in tasks.items():
+            if task.define is None and name not in BUILTIN:
+                problems.append(BUILTIN.unknown(name, f"tasks.{name}"))
+            elif task.define is not None and name in BUILTIN:
+                problems.append(Problem(f"tasks.{name}.define", f"{name!r} is a built-in task",
+                                        "give your task another name, or drop `define` to use the built-in one"))
+            elif task.define is not None:
+                try:
+                    TaskRegistry().register(task.define.to_spec(name))
+                except PipelineError as err:
+                    problems.extend(err.problems)
+        if tasks and sum(t.weight for t in tasks.values()) <= 0:
+            problems.append(Problem("tasks.*.weight", "all task weights are 0", "give at least one task a positive weight"))
+        if problems:
+            raise _Problems(problems)
+        return tasks
+
+    @model_validator(mode="after")
+    def _ratios(self) -> "Config":
+        problems = []
+        with_ratio = [n for n, t in self.tasks.items() if t.ratio is not None]
+        if self.sampling.strategy == "explicit":
+            for name in self.tasks:
+                if name not in with_ratio:
+                    problems.append(Problem(f"tasks.{name}.ratio", "missing with sampling.strategy=explicit",
+                                            "give every task a ratio, or choose proportional/temperature sampling"))
+            if with_ratio and sum(self.tasks[n].ratio for n in with_ratio) <= 0:
+                problems.append(Problem("tasks.*.ratio", "all sampling ratios are 0", "give at least one task a positive ratio"))
+        else:
+            for name in with_ratio:
+                problems.append(Problem(f"tasks.{name}.ratio", f"ignored with sampling.strategy={self.sampling.strategy}",
+                                        "remove it, or set sampling.strategy=explicit"))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+    def registry(self) -> TaskRegistry:
+        """The built-in tasks plus this config's user tasks."""
+        registry = BUILTIN.copy()
+        for name, task in self.tasks.items():
+            if task.define is not None:
+                registry.register(task.define.to_spec(name))
+        return registry
+
+    def task_specs(self) -> dict[str, TaskSpec]:
+        registry = self.registry()
+        return {name: registry.get(name) for name in self.tasks}
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply `a.b.c=value` overrides (values parsed as YAML), validate strictly."""
+    problems: list[Problem] = []
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError.one(str(path), "config file not found", "pass an existing YAML file (see jobs/configs/)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise PipelineError.one(where, f"not valid YAML ({getattr(err, 'problem', err)})",
+                                    "fix the YAML syntax at that line") from None
+        if not isinstance(raw, dict):
+            raise PipelineError.one(str(path), f"top level is a {type(raw).__name__}, not a mapping",
+                                    "write the config as `key: value` pairs")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(Problem(f"override {item!r}", "not of the form key.sub=value",
+                                    "write overrides like train.num_workers=2"))
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value else None
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.split("."), parsed, problems, item)
+    if problems:
+        raise PipelineError(problems)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        problems = _problems_from(err)
+    # Unknown task names are checked by a validator that only runs once `tasks` parses; report them
+    # together with any other problem, so one run shows everything.
+    if isinstance(raw.get("tasks"), dict):
+        problems += [BUILTIN.unknown(n, f"tasks.{n}") for n, t in raw["tasks"].items()
+                     if n not in BUILTIN and not (isinstance(t, dict) and "define" in t)]
+    raise PipelineError(list(dict.fromkeys(problems)))
+
+
+def _set_dotted(raw: dict, keys: list[str], value: Any, problems: list[Problem], item: str) -> None:
+    node = raw
+    for i, k in enumerate(keys[:-1]):
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            problems.append(Problem(".".join(keys[: i + 1]), f"is a value, so override {item!r} cannot go inside it",
+                                    "override the key itself"))
+            return
+        node = child
+    node[keys[-1]] = value
+
+
+_FIXES = {
+    "missing": "add it",
+    "greater_than_equal": "use a value >= {ge}",
+    "greater_than": "use a value > {gt}",
+    "less_than_equal": "use a value <= {le}",
+    "too_short": "give at least {min_length}",
+    "literal_error": "use one of {expected}",
+    "int_parsing": "write a whole number", "int_from_float": "write a whole number", "int_type": "write a whole number",
+    "float_parsing": "write a number", "float_type": "write a number", "bool_parsing": "write true or false",
+    "bool_type": "write true or false", "string_type": "write a string", "dict_type": "write a mapping (key: value)",
+    "model_type": "write a mapping (key: value)", "list_type": "write a list", "tuple_type": "write a list",
+}
+
+
+def _problems_from(err: ValidationError) -> list[Problem]:
+    problems: list[Problem] = []
+    for e in err.errors(include_url=False):
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, _Problems):
+            problems.extend(cause.problems)
+            continue
+        loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
+        key = ".".join(loc) or "<config>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(Config, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(Problem(key, "unknown key", f"{hint}remove it; allowed here: {', '.join(allowed)}"))
+            continue
+        ctx = {k: v for k, v in (e.get("ctx") or {}).items()}
+        fix = _FIXES.get(e["type"], "see the config reference in README.md").format(**ctx)
+        msg = e["msg"].removeprefix("Value error, ")
+        what = msg if e["type"] == "missing" else f"{msg} (got {e.get('input')!r})"
+        problems.append(Problem(key, what, fix))
+    return problems
+
+
+def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+    """Field names valid at `loc` (a path of keys below `model`), for 'unknown key' messages."""
+    node: Any = model
+    for part in loc:
+        node = _model_in(node)
+        if node is None:
+            return []
+        field = node.model_fields.get(part)
+        if field is None:  # a dict key (task name)
+            continue
+        node = field.annotation
+        origin = typing.get_origin(node)
+        if origin is dict:
+            node = typing.get_args(node)[1]
+    node = _model_in(node)
+    return sorted(node.model_fields) if node is not None else []
+
+
+def _model_in(tp: Any) -> type[BaseModel] | None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    if typing.get_origin(tp) is dict:
+        return _model_in(typing.get_args(tp)[1])
+    return None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain, YAML-ready dict (paths as strings)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Reading, normalising, tokenizing and caching task data with Ray Data."""

@@ -1,0 +1,205 @@
+"""Preprocess tasks with Ray Data into a Parquet cache keyed by content.
+
+    prepared = prepare_tasks(cfg)              # {task: PreparedTask}; reads the cache when it can
+    train_ds = prepared["sst2"].dataset("train")
+
+Per task: read the source -> normalise (one schema, a drop reason per bad row) -> tokenize -> write
+Parquet partitioned by split into a temporary folder, then rename it into place, so a cache folder
+either is complete or does not exist. The key hashes the source content, the task's preprocessing
+fields, the tokenizer's files and the lengths; a second run with the same key reads the cache.
+Dropped rows stay in the cache with their `drop_reason` and are counted in `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pipeline.config import Config
+from pipeline.data.sources import ResolvedSource, read_files, read_hub, resolve_source
+from pipeline.data.tokenize import Tokenizer
+from pipeline.errors import PipelineError, Problem
+from pipeline.model.refs import tokenizer_fingerprint
+from pipeline.tasks.spec import HubSource, TaskSpec
+
+CACHE_VERSION = 1  # bump when the cached schema or the normalisation rules change
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class PreparedTask:
+    name: str
+    spec: TaskSpec
+    path: Path
+    manifest: dict
+    cache_hit: bool
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s, c in self.manifest["counts"].items() if c["kept"] > 0]
+
+    def rows(self, split: str) -> int:
+        return self.manifest["counts"].get(split, {}).get("kept", 0)
+
+    def dataset(self, split: str, limit: int | None = None, columns: list[str] | None = None):
+        """The kept rows of one split as a Ray Dataset (read lazily from the cache)."""
+        import ray.data
+        from ray.data.expressions import col
+
+        if self.rows(split) == 0:
+            raise PipelineError.one(f"tasks.{self.name}", f"has no {split} rows",
+                                    f"use one of its splits: {', '.join(self.splits)}")
+        ds = ray.data.read_parquet(str(self.path / f"split={split}"), columns=columns)
+        ds = ds.filter(expr=col("drop_reason") == "")
+        return ds.limit(limit) if limit else ds
+
+
+def cache_key(spec: TaskSpec, resolved: ResolvedSource, tokenizer_fp: str, max_length: int,
+              max_target: int | None, carve_seed: int) -> str:
+    fields = {
+        "version": CACHE_VERSION, "kind": spec.kind, "num_labels": spec.num_labels, "label_names": spec.label_names,
+        "label_range": spec.label_range, "source": dataclasses.asdict(resolved.source),
+        "source_content": resolved.fingerprint, "tokenizer": tokenizer_fp, "max_length": max_length,
+        "max_target": max_target, "carve_seed": carve_seed if resolved.source.carve else None,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_tasks(cfg: Config, log: Callable[[str], None] = print) -> dict[str, PreparedTask]:
+    """Preprocess (or load from cache) every configured task. Problems across tasks are reported together."""
+    specs = cfg.task_specs()
+    tokenizer_fp = tokenizer_fingerprint(cfg.model.name)
+    resolved, problems = {}, []
+    for name, spec in specs.items():  # check every source before spending time on any
+        try:
+            resolved[name] = resolve_source(spec, cfg.data)
+        except PipelineError as err:
+            problems += err.problems
+    if problems:
+        raise PipelineError(problems)
+    return {name: _prepare(cfg, specs[name], resolved[name], tokenizer_fp, log) for name in specs}
+
+
+def _prepare(cfg: Config, spec: TaskSpec, resolved: ResolvedSource, tokenizer_fp: str,
+             log: Callable[[str], None]) -> PreparedTask:
+    max_target = None
+    if spec.kind == "summarization":
+        max_target = min(cfg.model.max_target_length, spec.max_target_tokens or cfg.model.max_target_length)
+    key = cache_key(spec, resolved, tokenizer_fp, cfg.model.max_length, max_target, cfg.data.carve_seed)
+    if cfg.data.cache_path is not None:
+        folder = Path(cfg.data.cache_path) / spec.name
+        _check_pinned(folder, spec.name, tokenizer_fp, cfg.model.name)
+    else:
+        folder = Path(cfg.data.cache_dir) / spec.name / key
+    manifest = _read_manifest(folder)
+    if manifest and manifest.get("key") == key:
+        log(f"{spec.name}: cache hit {folder} (key {key}): "
+            + ", ".join(f"{s} {c['kept']:,}" for s, c in manifest["counts"].items()))
+        return PreparedTask(spec.name, spec, folder, manifest, cache_hit=True)
+    if manifest:
+        log(f"{spec.name}: pinned cache {folder} is for another key; rebuilding it in place")
+
+    log(f"{spec.name}: preprocessing {resolved.description} with the {cfg.model.name} tokenizer "
+        f"(max {cfg.model.max_length} tokens) -> {folder}")
+    start = time.monotonic()
+    ds = read_hub(resolved) if isinstance(resolved.source, HubSource) else read_files(resolved)
+    pair = bool(resolved.source.columns.text_pair)
+    ds = ds.map_batches(resolved.normaliser, batch_format="pyarrow", batch_size=cfg.data.batch_rows,
+                        zero_copy_batch=True)
+    ds = ds.map_batches(Tokenizer(cfg.model.name, cfg.model.max_length, max_target, pair),
+                        batch_format="pyarrow", batch_size=cfg.data.batch_rows, zero_copy_batch=True)
+    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        ds.write_parquet(str(tmp), partition_cols=["split"])
+        counts, examples = _count(tmp)
+        _check_not_empty(spec, counts)
+        seconds = time.monotonic() - start
+        manifest = {
+            "key": key, "task": spec.name, "kind": spec.kind, "source": resolved.description,
+            "source_fingerprint": resolved.fingerprint,
+            "files": {s: ps for s, ps in resolved.files.items()},
+            "tokenizer": {"model": cfg.model.name, "fingerprint": tokenizer_fp},
+            "max_length": cfg.model.max_length, "max_target_length": max_target, "carve_seed": cfg.data.carve_seed,
+            "counts": counts, "dropped_examples": examples, "seconds": round(seconds, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _swap_into_place(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows_in = sum(c["rows"] for c in counts.values())
+    dropped = {r: n for c in counts.values() for r, n in c["dropped"].items()}
+    log(f"{spec.name}: {rows_in:,} rows in {seconds:.1f}s ({rows_in / max(seconds, 1e-9):,.0f} rows/s); kept "
+        + ", ".join(f"{s} {c['kept']:,}" for s, c in counts.items())
+        + (f"; dropped {sum(dropped.values()):,} ({_fmt_reasons(dropped)})" if dropped else "; dropped 0"))
+    return PreparedTask(spec.name, spec, folder, manifest, cache_hit=False)
+
+
+def _fmt_reasons(dropped: dict[str, int]) -> str:
+    return ", ".join(f"{r} {n:,}" for r, n in sorted(dropped.items(), key=lambda kv: -kv[1]))
+
+
+def _count(folder: Path) -> tuple[dict, list]:
+    """Rows, kept rows and drop reasons per split, read from the written Parquet (two small columns)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    data = pads.dataset(str(folder), format="parquet", partitioning="hive")
+    table = data.to_table(columns=["split", "drop_reason"])
+    grouped = table.group_by(["split", "drop_reason"]).aggregate([([], "count_all")]).to_pylist()
+    counts: dict[str, dict] = {}
+    for split in ("train", "validation", "test"):  # a stable order for logs and manifests
+        rows = [g for g in grouped if g["split"] == split]
+        if rows:
+            dropped = {g["drop_reason"]: g["count_all"] for g in rows if g["drop_reason"]}
+            total = sum(g["count_all"] for g in rows)
+            counts[split] = {"rows": total, "kept": total - sum(dropped.values()), "dropped": dropped}
+    bad = data.to_table(columns=["split", "id", "drop_reason", "text"], filter=pc.field("drop_reason") != "")
+    examples = [{**r, "text": (r["text"] or "")[:120]} for r in bad.slice(0, 20).to_pylist()]
+    return counts, examples
+
+
+def _check_not_empty(spec: TaskSpec, counts: dict) -> None:
+    empty = [s for s, c in counts.items() if c["rows"] and not c["kept"]]
+    if "train" not in counts or counts["train"]["kept"] == 0:
+        empty = sorted(set(empty) | {"train"})
+    if empty:
+        reasons = _fmt_reasons({r: n for c in counts.values() for r, n in c["dropped"].items()}) or "no rows at all"
+        raise PipelineError.one(f"tasks.{spec.name}", f"no usable rows left in {', '.join(empty)} (dropped: {reasons})",
+                                "check the column mapping, label names and the files themselves")
+
+
+def _check_pinned(folder: Path, task: str, tokenizer_fp: str, model: str) -> None:
+    manifest = _read_manifest(folder)
+    if manifest and manifest["tokenizer"]["fingerprint"] != tokenizer_fp:
+        raise PipelineError([Problem(
+            "data.cache_path", f"{folder} was built with the {manifest['tokenizer']['model']} tokenizer "
+            f"({manifest['tokenizer']['fingerprint']}), but model.name {model!r} has tokenizer {tokenizer_fp}",
+            "unset data.cache_path (keyed folders never clash), point it at another folder, or delete that folder")])
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _swap_into_place(tmp: Path, folder: Path) -> None:
+    """Atomic for a new folder; for a pinned folder the old copy is moved aside first, then removed."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if folder.exists():
+        old = folder.with_name(f"{folder.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Model code: backbones, heads and references. Knows nothing about distribution (no ray/deepspeed)."""
