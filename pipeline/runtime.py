@@ -1,0 +1,30 @@
+"""Process set-up shared by the jobs: connect to (or start) Ray, and argument parsing."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def init_ray(**kwargs) -> None:
+    """Join the cluster this job was submitted to (`ray job submit`, RAY_ADDRESS, `ray start`), or
+    start a local one on this machine with its dashboard on 127.0.0.1."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(**kwargs)
+    res = ray.cluster_resources()
+    print(f"ray: connected to a cluster with {res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs",
+          file=sys.stderr, flush=True)
+
+
+def job_parser(doc: str) -> argparse.ArgumentParser:
+    """Parser with the shared `--config` and `key=value` overrides; the job's docstring is the help text."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join("jobs", "configs", "default.yaml"),
+                        help="YAML config (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, values parsed as YAML: model.max_length=64 tasks.sst2.weight=2")
+    return parser
