@@ -138,6 +138,8 @@ class TaskConfig(Strict):
     """Loss weight; all weights are normalised to sum to the number of tasks (equal = 1.0 each)."""
     ratio: float | None = Field(None, ge=0)
     """Sampling ratio, used when `sampling.strategy` is `explicit`; normalised to sum to 1."""
+    head_lr_mult: float | None = Field(None, gt=0)
+    """This task's head learning-rate multiplier (default: `train.head_lr_mult`)."""
     max_rows: dict[Literal["train", "validation", "test"], int] = {}
     """Use at most this many rows of a split (the cache always holds every row)."""
     define: TaskDefinition | None = None
@@ -162,7 +164,75 @@ class SamplingConfig(Strict):
 
 class TrainConfig(Strict):
     num_workers: int = Field(2, ge=1)
-    """Ray Train workers (one training process each)."""
+    """Ray Train workers (one training process each; one GPU each with `use_gpu`)."""
+    use_gpu: bool = False
+    """Train on GPUs (NCCL). On CPU the same code runs with gloo."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs Ray reserves per worker (fractions allowed)."""
+    steps: int = Field(300, ge=1)
+    """Optimizer steps in total; each step trains one task's batch, drawn by the task sampler."""
+    batch_size: int = Field(16, ge=1)
+    """Examples per micro-batch per worker."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches (of the same task) accumulated per optimizer step."""
+    lr: float = Field(5e-5, gt=0)
+    """Peak learning rate of the backbone."""
+    head_lr_mult: float = Field(1.0, gt=0)
+    """Learning-rate multiplier of every task head (a task's own `head_lr_mult` wins)."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps from 0 to `lr`."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warm-up, to 0 at `steps`."""
+    clip_grad: float = Field(1.0, ge=0)
+    """Gradient-norm clipping (0 turns it off)."""
+    dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout before each task head."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision. fp16 needs GPUs; bf16 works on CPU and recent GPUs."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters sharded."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (ZeRO >= 1); the optimizer becomes DeepSpeedCPUAdam."""
+    log_every: int = Field(10, ge=1)
+    """Steps between loss/throughput logs (rank 0 to MLflow and stdout)."""
+    eval_every: int = Field(100, ge=1)
+    """Steps between dev evaluations (also at the last step)."""
+    eval_batch_size: int = Field(64, ge=1)
+    """Examples per evaluation batch per worker."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Steps between checkpoints (also at the last step)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Most recent checkpoints kept; the best model is kept apart as `best_model/`."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited)."""
+    storage_path: str = str(HOME / "runs")
+    """Where runs keep checkpoints and models: a local/NFS folder or an object-store URI."""
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "TrainConfig":
+        problems = []
+        if self.precision == "fp16" and not self.use_gpu:
+            problems.append(Problem("train.precision", "fp16 needs GPUs", "use bf16 or fp32 on CPU, or set train.use_gpu=true"))
+        if self.offload_optimizer and self.zero_stage == 0:
+            problems.append(Problem("train.offload_optimizer", "optimizer offload needs ZeRO stage 1, 2 or 3",
+                                    "set train.zero_stage to 1, 2 or 3, or turn offload off"))
+        if self.warmup_steps >= self.steps:
+            problems.append(Problem("train.warmup_steps", f"{self.warmup_steps} warm-up steps of {self.steps} in total",
+                                    "use fewer warm-up steps than train.steps"))
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+class TrackingConfig(Strict):
+    uri: str | None = None
+    """MLflow tracking URI. Unset: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    experiment: str | None = None
+    """MLflow experiment name (default: the config's `name`)."""
+    required: bool = False
+    """Fail before training when the tracking server cannot be reached (otherwise: warn and train on)."""
 
 
 class Config(Strict):
@@ -176,6 +246,7 @@ class Config(Strict):
     """Tasks to train on, by name: built-in tasks (see README) or user tasks with `define:`."""
     sampling: SamplingConfig = SamplingConfig()
     train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @field_validator("tasks", mode="after")
     @classmethod

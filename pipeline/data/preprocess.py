@@ -49,8 +49,11 @@ class PreparedTask:
     def rows(self, split: str) -> int:
         return self.manifest["counts"].get(split, {}).get("kept", 0)
 
-    def dataset(self, split: str, limit: int | None = None, columns: list[str] | None = None):
-        """The kept rows of one split as a Ray Dataset (read lazily from the cache)."""
+    def dataset(self, split: str, limit: int | None = None, columns: list[str] | None = None,
+                shuffle_seed: int | None = None):
+        """The kept rows of one split as a Ray Dataset (read lazily from the cache). Rows are cached in
+        source order (often sorted by label): pass `shuffle_seed` for a seeded global shuffle, which
+        also makes `limit` a random subset rather than the first rows of the file."""
         import ray.data
         from ray.data.expressions import col
 
@@ -59,6 +62,8 @@ class PreparedTask:
                                     f"use one of its splits: {', '.join(self.splits)}")
         ds = ray.data.read_parquet(str(self.path / f"split={split}"), columns=columns)
         ds = ds.filter(expr=col("drop_reason") == "")
+        if shuffle_seed is not None:
+            ds = ds.random_shuffle(seed=shuffle_seed)
         return ds.limit(limit) if limit else ds
 
 

@@ -1,0 +1,47 @@
+"""Task metrics from scikit-learn / scipy, and the multi-task score.
+
+    scores = task_metrics(spec, predictions, references)   # {"accuracy": 0.91, "f1": 0.88}
+    multitask_score({"sst2": scores, ...}, specs)           # mean primary metric, 0-100 scale
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from pipeline.tasks.spec import TaskSpec
+
+
+def _corr(fn, preds, refs) -> float:
+    if len(preds) < 2 or np.std(preds) == 0 or np.std(refs) == 0:
+        return 0.0  # undefined for constant inputs; 0 is what an uninformative predictor earns
+    return float(fn(preds, refs)[0])
+
+
+METRIC_FUNCTIONS = {
+    "accuracy": lambda p, r: float(accuracy_score(r, p)),
+    "f1": lambda p, r: float(f1_score(r, p, average="binary", zero_division=0)),
+    "macro_f1": lambda p, r: float(f1_score(r, p, average="macro", zero_division=0)),
+    "matthews": lambda p, r: float(matthews_corrcoef(r, p)),
+    "pearson": lambda p, r: _corr(pearsonr, p, r),
+    "spearman": lambda p, r: _corr(spearmanr, p, r),
+}
+
+
+def task_metrics(spec: TaskSpec, predictions: Sequence, references: Sequence) -> dict[str, float]:
+    """Every metric the task declares. Classification predictions are class indices."""
+    preds, refs = np.asarray(predictions), np.asarray(references)
+    if spec.kind == "classification":
+        preds, refs = preds.astype(np.int64), refs.astype(np.int64)
+    return {name: METRIC_FUNCTIONS[name](preds, refs) for name in spec.metrics if name in METRIC_FUNCTIONS}
+
+
+def multitask_score(per_task: Mapping[str, Mapping[str, float]], specs: Mapping[str, TaskSpec]) -> float:
+    """Mean over tasks of each task's primary metric, on a 0-100 scale (GLUE-style average)."""
+    values = [100.0 * per_task[name][specs[name].primary_metric] for name in per_task]
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")

@@ -1,0 +1,147 @@
+"""One shared backbone, one head per task. Knows nothing about ranks, Ray or DeepSpeed.
+
+    model = build_model("minilm-l6", [Head("sst2", "classification", 2), Head("stsb", "regression", 1)])
+    logits, loss = model("sst2", input_ids, attention_mask, labels=labels)
+    model.save("out/model", tokenizer)             # a folder any plain process can reload:
+    model, tokenizer, meta = MultiTaskModel.load("out/model")
+
+Backbones: encoders (BERT family, incl. the packaged MiniLM) pool by the attention-masked mean of the
+last hidden states; causal LMs (Llama, GPT-2, Qwen, incl. SmolLM2) by the last non-padding token's
+hidden state (inputs are right-padded). A causal LM keeps its LM head for generative tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMAT_VERSION = 1
+ENCODER_TYPES = {"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "mpnet",
+                 "albert", "camembert"}
+
+
+@dataclass(frozen=True)
+class Head:
+    task: str
+    kind: str  # classification | regression
+    num_labels: int
+
+
+def backbone_kind(config) -> str:
+    if config.model_type in ENCODER_TYPES:
+        return "encoder"
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    return "causal"
+
+
+def _load_backbone(kind: str, source: str | Path | Any, dtype=None):
+    """`source` is a folder, or a config for random initialisation."""
+    from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
+    auto = AutoModel if kind == "encoder" else AutoModelForCausalLM
+    extra = {"add_pooling_layer": False} if kind == "encoder" else {}  # the pooler would be an unused head
+    if isinstance(source, PretrainedConfig):
+        return auto.from_config(source, **extra)
+    return auto.from_pretrained(source, dtype=dtype, **extra)
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, backbone: nn.Module, heads: Iterable[Head], dropout: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        self.kind = backbone_kind(backbone.config)
+        self.head_specs = {h.task: h for h in heads}
+        hidden = backbone.config.hidden_size
+        self.heads = nn.ModuleDict({h.task: nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, h.num_labels))
+                                    for h in self.head_specs.values()})
+
+    def pooled(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        if self.kind == "encoder":
+            extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        hidden = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(1).long() - 1  # right padding: the last real token
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+
+    def forward(self, task: str, input_ids, attention_mask, token_type_ids=None, labels=None):
+        logits = self.heads[task](self.pooled(input_ids, attention_mask, token_type_ids))
+        if self.head_specs[task].kind == "regression":
+            logits = logits.squeeze(-1)
+        loss = None
+        if labels is not None:
+            if self.head_specs[task].kind == "regression":
+                loss = F.mse_loss(logits.float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits.float(), labels.long())
+        return logits, loss
+
+    @torch.no_grad()
+    def predict(self, task: str, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        """Class indices (classification) or scores (regression)."""
+        logits, _ = self(task, input_ids, attention_mask, token_type_ids)
+        return logits.argmax(-1) if self.head_specs[task].kind == "classification" else logits.float()
+
+    def param_groups(self, lr: float, weight_decay: float, head_lr_mult: dict[str, float]) -> list[dict]:
+        """Backbone with and without weight decay (no decay on biases and norms), one group per head
+        with its learning-rate multiplier. Each group records its base `lr`."""
+        decay, no_decay = [], []
+        for name, p in self.backbone.named_parameters():
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr, "name": "backbone"},
+                  {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": "backbone_no_decay"}]
+        for task, head in self.heads.items():
+            groups.append({"params": list(head.parameters()), "weight_decay": weight_decay,
+                           "lr": lr * head_lr_mult.get(task, 1.0), "name": f"head/{task}"})
+        return [g for g in groups if g["params"]]
+
+    # -- a folder any plain process can reload ------------------------------------------------------
+    def save(self, folder: str | Path, tokenizer, state_dict: dict[str, torch.Tensor] | None = None,
+             metadata: dict[str, Any] | None = None) -> Path:
+        """Write backbone (safetensors), heads, tokenizer and `mtl_model.json`. `state_dict` lets a
+        caller pass weights gathered from elsewhere (e.g. from sharded training)."""
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = state_dict if state_dict is not None else self.state_dict()
+        backbone_sd = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        heads_sd = {k.removeprefix("heads."): v.contiguous() for k, v in state.items() if k.startswith("heads.")}
+        self.backbone.save_pretrained(folder / "backbone", state_dict=backbone_sd)
+        save_file(heads_sd, str(folder / "heads.safetensors"))
+        tokenizer.save_pretrained(folder / "tokenizer")
+        meta = {"format_version": FORMAT_VERSION, "backbone_kind": self.kind,
+                "heads": [asdict(h) for h in self.head_specs.values()], **(metadata or {})}
+        (folder / "mtl_model.json").write_text(json.dumps(meta, indent=2, default=str))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, dtype=None):
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoTokenizer
+        folder = Path(folder)
+        meta = json.loads((folder / "mtl_model.json").read_text())
+        kind = backbone_kind(AutoConfig.from_pretrained(folder / "backbone"))
+        model = cls(_load_backbone(kind, folder / "backbone", dtype), [Head(**h) for h in meta["heads"]])
+        missing, unexpected = model.heads.load_state_dict(load_file(str(folder / "heads.safetensors")), strict=True)
+        return model.eval(), AutoTokenizer.from_pretrained(folder / "tokenizer"), meta
+
+
+def build_model(model_name: str, heads: Iterable[Head], dropout: float = 0.1) -> MultiTaskModel:
+    """A backbone from a model reference (see refs.py) with fresh heads."""
+    from transformers import AutoConfig
+
+    from pipeline.model.refs import resolve_model
+    ref = resolve_model(model_name)
+    config = AutoConfig.for_model(**ref.config) if ref.source == "tiny" else AutoConfig.from_pretrained(ref.path)
+    kind = backbone_kind(config)
+    if kind == "seq2seq":
+        raise NotImplementedError("encoder-decoder backbones arrive with the summarization module")
+    backbone = _load_backbone(kind, config if ref.source == "tiny" else ref.path)
+    return MultiTaskModel(backbone, heads, dropout)

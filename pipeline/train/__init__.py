@@ -1,0 +1,1 @@
+"""Training on Ray Train + DeepSpeed: the worker loop, the driver, mixing and tracking."""

@@ -1,0 +1,214 @@
+"""The driver side of training: data, MLflow run, resources, then `TorchTrainer(...).fit()`.
+
+    result = train_driver(cfg)                       # a new run
+    result = train_driver(cfg, resume=True)          # continue the latest run of cfg.name
+    result = train_driver(cfg, resume="mtl-1a2b3c")  # continue that run
+
+Runs live in `<train.storage_path>/<run name>/`: Ray Train's checkpoints (`step_*`), `run.json`
+(MLflow run id, config), `best_model/` and `final_model/` (reloadable folders). The driver owns the
+MLflow run: it creates it (or reopens it on resume), logs params, inputs and artifacts, and passes
+the run id to the workers, where rank 0 logs metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.config import Config, config_to_dict
+from pipeline.data.preprocess import PreparedTask, prepare_tasks
+from pipeline.errors import PipelineError, Problem
+from pipeline.train.mixing import normalise_weights, sampling_ratios
+from pipeline.train.tracking import check_reachable, flatten_params, tracking_uri, warn
+
+TRAIN_COLUMNS = ["input_ids", "token_type_ids", "label"]
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: str
+    run_id: str | None
+    steps: int
+    best_score: float
+    dev_metrics: dict[str, dict[str, float]]
+    wall_seconds: float
+    tracking_uri: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail fast when the cluster can never hold the worker group (instead of waiting forever)."""
+    import ray
+    total = ray.cluster_resources()
+    need_cpu = cfg.train.num_workers * cfg.train.cpus_per_worker
+    problems = []
+    if need_cpu > total.get("CPU", 0):
+        problems.append(Problem("train.num_workers", f"{cfg.train.num_workers} workers × {cfg.train.cpus_per_worker:g} CPU "
+                                f"= {need_cpu:g} CPUs, but the cluster has {total.get('CPU', 0):g}",
+                                "use fewer workers or a smaller train.cpus_per_worker"))
+    if cfg.train.use_gpu and cfg.train.num_workers > total.get("GPU", 0):
+        problems.append(Problem("train.use_gpu", f"{cfg.train.num_workers} workers need {cfg.train.num_workers} GPUs, "
+                                f"but the cluster has {total.get('GPU', 0):g}", "use fewer workers, or train.use_gpu=false"))
+    if problems:
+        raise PipelineError(problems)
+
+
+def _run_dir(cfg: Config, resume: bool | str) -> tuple[str, str, dict | None]:
+    """(run name, run dir, run.json of the run being resumed)."""
+    storage = Path(cfg.train.storage_path).expanduser()
+    if not resume:
+        name = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
+        return name, str(storage / name), None
+    if resume is True:
+        runs = sorted((p for p in storage.glob(f"{cfg.name}-*") if (p / "run.json").is_file()),
+                      key=lambda p: (p / "run.json").stat().st_mtime)
+        if not runs:
+            raise PipelineError.one("--resume", f"no run of {cfg.name!r} under {storage}",
+                                    "start a new run without --resume, or set train.storage_path to where the run lives")
+        folder = runs[-1]
+    else:
+        folder = storage / resume
+        if not (folder / "run.json").is_file():
+            raise PipelineError.one("--resume", f"no run {resume!r} under {storage}",
+                                    f"name one of: {', '.join(sorted(p.name for p in storage.glob('*/')) ) or 'none yet'}")
+    return folder.name, str(folder), json.loads((folder / "run.json").read_text())
+
+
+def _dev_rows(task: PreparedTask, limit: int | None, seed: int) -> dict[str, list]:
+    rows = task.dataset("validation", limit=limit, shuffle_seed=seed).take_all()
+    cols = [c for c in TRAIN_COLUMNS if c in rows[0]]
+    return {c: [r[c] if c == "label" else list(r[c]) for r in rows] for c in cols}
+
+
+def _start_mlflow(cfg: Config, run_name: str, previous: dict | None, uri: str) -> tuple[Any, str | None]:
+    reason = check_reachable(uri)
+    if reason:
+        if cfg.tracking.required:
+            raise PipelineError.one("tracking.uri", f"MLflow at {uri} cannot be reached ({reason})",
+                                    "start the tracking server, fix tracking.uri, or set tracking.required=false")
+        warn(f"{uri} cannot be reached ({reason}); training without tracking")
+        return None, None
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    if previous and previous.get("run_id"):
+        client.update_run(previous["run_id"], status="RUNNING")
+        return client, previous["run_id"]
+    experiment = cfg.tracking.experiment or cfg.name
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags={"mtl.run_name": run_name})
+    return client, run.info.run_id
+
+
+def _log_run_start(client, run_id: str, cfg: Config, prepared: dict[str, PreparedTask], weights, ratios,
+                   config_path: str | None, run_dir: str) -> None:
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag, Param, RunTag
+
+    params = flatten_params(config_to_dict(cfg))
+    params.update({f"weight.{t}": f"{w:.6g}" for t, w in weights.items()})
+    params.update({f"ratio.{t}": f"{r:.6g}" for t, r in ratios.items()})
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+    tags = [RunTag("mtl.run_dir", run_dir)]
+    inputs = []
+    for name, task in prepared.items():
+        tags += [RunTag(f"data.{name}.source", task.manifest["source"][:5000]),
+                 RunTag(f"data.{name}.cache_key", task.manifest["key"])]
+        dataset = MetaDataset(resolve_dataset_source(str(task.path)), name=name, digest=task.manifest["key"])
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")]))
+    client.log_batch(run_id, tags=tags)
+    client.log_inputs(run_id, datasets=inputs)
+    if config_path:
+        client.log_artifact(run_id, config_path, "config")
+    client.log_text(run_id, json.dumps(config_to_dict(cfg), indent=2), "config/resolved_config.json")
+
+
+def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | None = None,
+                 log: Callable[[str], None] = print) -> TrainResult:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.train.loop import train_fn_per_worker
+
+    start = time.monotonic()
+    specs = cfg.task_specs()
+    unsupported = [Problem(f"tasks.{n}", "summarization training is not available yet",
+                           "train classification and regression tasks for now") for n, s in specs.items()
+                   if s.kind == "summarization"]
+    if unsupported:
+        raise PipelineError(unsupported)
+    check_resources(cfg)
+    run_name, run_dir, previous = _run_dir(cfg, resume)
+    prepared = prepare_tasks(cfg, log=log)
+
+    train_rows = {t: min(p.rows("train"), cfg.tasks[t].max_rows.get("train", p.rows("train"))) for t, p in prepared.items()}
+    weights = normalise_weights({t: cfg.tasks[t].weight for t in prepared})
+    ratios = sampling_ratios(cfg.sampling.strategy, train_rows, {t: cfg.tasks[t].ratio for t in prepared},
+                             cfg.sampling.temperature)
+    log("tasks: " + ", ".join(f"{t} (rows {train_rows[t]:,}, weight {weights[t]:.3g}, ratio {ratios[t]:.3f})"
+                              for t in prepared))
+
+    uri = tracking_uri(cfg.tracking.uri)
+    client, run_id = _start_mlflow(cfg, run_name, previous, uri)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    if previous is None:
+        (Path(run_dir) / "run.json").write_text(json.dumps(
+            {"run_name": run_name, "run_id": run_id, "tracking_uri": uri, "config": config_to_dict(cfg)}, indent=2))
+        if client is not None:
+            _log_run_start(client, run_id, cfg, prepared, weights, ratios, config_path, run_dir)
+    log(f"run {run_name} in {run_dir}" + (f"; MLflow run {run_id} at {uri}" if run_id else "; no MLflow tracking"))
+
+    def train_split(t: str):
+        ds = prepared[t].dataset("train", limit=cfg.tasks[t].max_rows.get("train"), shuffle_seed=cfg.seed)
+        return ds.select_columns([c for c in TRAIN_COLUMNS if c in ds.columns()]).materialize()
+
+    datasets = {t: train_split(t) for t in prepared}
+    dev = {t: ray.put(_dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.seed)) for t, p in prepared.items()}
+    heads = [{"task": t, "kind": s.kind, "num_labels": s.num_labels} for t, s in specs.items()]
+    meta = {"model": cfg.model.name, "max_length": cfg.model.max_length, "run_name": run_name,
+            "tasks": {t: {"kind": s.kind, "label_names": s.label_names, "metrics": s.metrics} for t, s in specs.items()}}
+    trainer = TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": config_to_dict(cfg), "tasks": list(prepared), "weights": weights,
+                           "ratios": ratios, "heads": heads, "run_id": run_id, "tracking_uri": uri,
+                           "run_dir": run_dir, "dev": dev, "meta": meta},
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=str(Path(cfg.train.storage_path).expanduser()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)),
+        datasets=datasets,
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        if client is not None:
+            client.set_terminated(run_id, status="FAILED")
+        raise
+    metrics = result.metrics or {}
+    dev_metrics: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("dev/") and key.count("/") == 2:
+            _, task, metric = key.split("/")
+            dev_metrics.setdefault(task, {})[metric] = value
+    if client is not None:
+        final = Path(run_dir) / "final_model"
+        if final.is_dir():
+            client.log_artifacts(run_id, str(final), "model")
+        client.set_tag(run_id, "mtl.best_model", str(Path(run_dir) / "best_model"))
+        client.set_terminated(run_id, status="FINISHED")
+    return TrainResult(run_name, run_dir, run_id, int(metrics.get("step", 0)), float(metrics.get("best_score", float("nan"))),
+                       dev_metrics, time.monotonic() - start, uri)

@@ -1,0 +1,253 @@
+"""The training loop that runs on every Ray Train worker: one function, top to bottom.
+
+    shard -> model -> deepspeed.initialize -> (resume) -> loop: sample task, step, log, eval, checkpoint
+
+Every rank draws the same task at every step (same seeded sampler), so collectives line up. Each
+step is one task's batch (task-homogeneous); gradient accumulation accumulates micro-batches of that
+task. Loss = normalised weight of the task × the task's loss, so over many steps the objective is
+Σ_t w_t · p_t · L_t with p_t the sampling ratio. Only rank 0 talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from pipeline.model.multitask import Head, build_model
+from pipeline.model.refs import load_tokenizer
+from pipeline.train.mixing import TaskSampler
+from pipeline.train.tracking import RunLogger
+
+DS_TAG = "ds"
+
+
+def say(line: str) -> None:
+    """Progress line from rank 0. Written directly: Ray Train's patched print() would emit it twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of variable-length token lists (dynamic padding)."""
+    ids = batch["input_ids"]
+    n, longest = len(ids), max(len(x) for x in ids)
+    input_ids = np.full((n, longest), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((n, longest), dtype=np.int64)
+    token_type_ids = np.zeros((n, longest), dtype=np.int64) if "token_type_ids" in batch else None
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = x
+        attention_mask[i, :len(x)] = 1
+        if token_type_ids is not None:
+            token_type_ids[i, :len(x)] = batch["token_type_ids"][i]
+    out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+    if token_type_ids is not None:
+        out["token_type_ids"] = torch.from_numpy(token_type_ids)
+    if "label" in batch:
+        out["labels"] = torch.as_tensor(np.asarray(batch["label"], dtype=np.float32))
+    return out
+
+
+def batches_forever(shard, batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless task-homogeneous batches from this worker's shard; reshuffled every epoch."""
+    for epoch in range(1 << 30):
+        empty = True
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                        local_shuffle_buffer_size=max(256, 4 * batch_size),
+                                        local_shuffle_seed=seed + epoch):
+            empty = False
+            yield collate(batch, pad_id)
+        if empty:
+            raise RuntimeError("a task's training shard is empty on this worker: use fewer workers or more rows")
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1.0 - progress) if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return fn
+
+
+def deepspeed_config(train: dict[str, Any], world_size: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": train["zero_stage"]}
+    if train["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if train["zero_stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config = {
+        "train_micro_batch_size_per_gpu": train["batch_size"],
+        "gradient_accumulation_steps": train["grad_accum"],
+        "train_batch_size": train["batch_size"] * train["grad_accum"] * world_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train["precision"] == "bf16"},
+        "fp16": {"enabled": train["precision"] == "fp16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if train["clip_grad"] > 0:
+        config["gradient_clipping"] = train["clip_grad"]
+    if train["offload_optimizer"]:  # offload refuses a client optimizer: declare it here
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": train["lr"], "weight_decay": train["weight_decay"]}}
+    return config
+
+
+def evaluate(engine, model, dev: dict[str, dict[str, list]], batch_size: int, pad_id: int, rank: int,
+             world: int) -> dict[str, tuple[list, list]]:
+    """Every rank predicts a strided share of each dev set with the same number of batches (ZeRO-3
+    forwards are collective), then predictions are gathered: identical results on every rank."""
+    import torch.distributed as dist
+    engine.eval()
+    out = {}
+    for task, rows in dev.items():
+        n = len(rows["label"])
+        mine = list(range(rank, n, world))
+        n_batches = math.ceil(math.ceil(n / world) / batch_size)
+        preds: list[tuple[int, float]] = []
+        for b in range(n_batches):
+            idx = mine[b * batch_size:(b + 1) * batch_size]
+            take = idx or [0]  # a rank with nothing left still joins the collective forward
+            batch = collate({k: np.array([rows[k][i] for i in take], dtype=object) if k != "label"
+                             else np.array([rows[k][i] for i in take]) for k in rows}, pad_id)
+            batch.pop("labels")
+            with torch.no_grad():
+                logits, _ = engine(task=task, **batch)
+            values = logits.argmax(-1) if model.head_specs[task].kind == "classification" else logits
+            preds += list(zip(idx, values.float().tolist()))
+        gathered = [None] * world
+        dist.all_gather_object(gathered, preds)
+        merged = dict(p for part in gathered for p in part)
+        out[task] = ([merged[i] for i in range(n)], list(rows["label"]))
+    engine.train()
+    return out
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+
+    from pipeline.config import Config
+    from pipeline.eval.metrics import multitask_score, task_metrics
+    from pipeline.train.artifacts import publish_model
+
+    cfg = Config.model_validate(config["config"])
+    train = cfg.train.model_dump()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tasks, weights, heads = config["tasks"], config["weights"], [Head(**h) for h in config["heads"]]
+    specs = cfg.task_specs()
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.name)
+    pad_id = tokenizer.pad_token_id
+
+    # Model and engine. Same seed on every rank; DeepSpeed broadcasts rank 0's weights anyway.
+    model = build_model(cfg.model.name, heads, dropout=train["dropout"])
+    head_mult = {t: (cfg.tasks[t].head_lr_mult or train["head_lr_mult"]) for t in tasks}
+    groups = model.param_groups(train["lr"], train["weight_decay"], head_mult)
+    schedule = lr_lambda(train["schedule"], train["warmup_steps"], train["steps"])
+    optimizer = None if train["offload_optimizer"] else torch.optim.AdamW(groups, lr=train["lr"])
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+        config=deepspeed_config(train, world))
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # per group: head multipliers stay applied
+
+    # State, restored from the latest checkpoint when the run is resumed or restarted.
+    sampler = TaskSampler(config["ratios"], cfg.seed)
+    step, best_score, run_id = 0, -math.inf, config["run_id"]
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            _, client = engine.load_checkpoint(folder, tag=DS_TAG)
+        sampler.load_state_dict(client["sampler"])
+        step, best_score = client["step"], client["best_score"]
+        run_id = client["run_id"] or run_id  # keep logging into the same MLflow run
+        torch.set_rng_state(client["torch_rng"])
+        if rank == 0:
+            say(f"resumed at step {step} (sampler draw {sampler.draws}, best score {best_score:.2f})")
+    tracker = RunLogger(config["tracking_uri"], run_id) if rank == 0 else None
+
+    iters = {t: batches_forever(ray.train.get_dataset_shard(t), train["batch_size"], pad_id, cfg.seed + rank)
+             for t in tasks}
+    dev = {t: ray.get(ref) for t, ref in config["dev"].items()}
+
+    window = {"start": time.perf_counter(), "tokens": 0, "samples": 0, "losses": {t: [] for t in tasks}}
+    engine.train()
+    while step < train["steps"]:
+        task = sampler.next()
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * schedule(step)
+        for _ in range(train["grad_accum"]):
+            batch = next(iters[task])
+            _, loss = engine(task=task, **batch)
+            engine.backward(weights[task] * loss)
+            engine.step()
+            window["tokens"] += int(batch["attention_mask"].sum())
+            window["samples"] += len(batch["input_ids"])
+            window["losses"][task].append(float(loss))
+        step += 1
+        last = step == train["steps"]
+
+        metrics: dict[str, float] = {}
+        if step % train["log_every"] == 0 or last:
+            counts = torch.tensor([window["tokens"], window["samples"]], dtype=torch.float64)
+            dist.all_reduce(counts)  # throughput of the whole group, not one rank
+            seconds = time.perf_counter() - window["start"]
+            losses = {t: float(np.mean(v)) for t, v in window["losses"].items() if v}
+            metrics.update({f"loss/{t}": v for t, v in losses.items()})
+            metrics["loss/total"] = float(np.mean([weights[t] * v for t, v in losses.items()]))
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
+            metrics["tokens_per_s"] = counts[0].item() / seconds
+            metrics["samples_per_s"] = counts[1].item() / seconds
+            window = {"start": time.perf_counter(), "tokens": 0, "samples": 0, "losses": {t: [] for t in tasks}}
+            if rank == 0:
+                say(f"step {step}/{train['steps']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+        if step % train["eval_every"] == 0 or last:
+            results = evaluate(engine, model, dev, train["eval_batch_size"], pad_id, rank, world)
+            per_task = {t: task_metrics(specs[t], p, r) for t, (p, r) in results.items()}
+            score = multitask_score(per_task, specs)
+            metrics.update({f"dev/{t}/{m}": v for t, ms in per_task.items() for m, v in ms.items()})
+            metrics["dev/score"] = score
+            if rank == 0:
+                say(f"eval step {step}: score {score:.2f} " + " ".join(
+                    f"{t}:{m}={v:.4f}" for t, ms in per_task.items() for m, v in ms.items()))
+            if score > best_score:
+                best_score = score
+                publish_model(engine, model, tokenizer, config["run_dir"], "best_model", rank,
+                              {"step": step, "score": score, "per_task": per_task, "run_id": run_id, **config["meta"]})
+            metrics["dev/best_score"] = best_score
+            metrics["is_best"] = float(best_score == score)
+
+        if tracker is not None and metrics:
+            tracker.log_metrics(metrics, step)
+
+        if step % train["checkpoint_every"] == 0 or last:
+            folder = tempfile.mkdtemp(prefix="mtl-ckpt-")
+            client = {"step": step, "sampler": sampler.state_dict(), "best_score": best_score, "run_id": run_id,
+                      "torch_rng": torch.get_rng_state()}
+            engine.save_checkpoint(folder, tag=DS_TAG, client_state=client)
+            if rank == 0:
+                with open(os.path.join(folder, "meta.json"), "w") as fh:
+                    json.dump({"step": step, "run_id": run_id, "best_score": best_score,
+                               "sampler_draws": sampler.draws}, fh)
+            report = {"step": step, "best_score": best_score, **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"step_{step:07d}")
+            shutil.rmtree(folder, ignore_errors=True)
+
+    publish_model(engine, model, tokenizer, config["run_dir"], "final_model", rank,
+                  {"step": step, "run_id": run_id, **config["meta"]})
+    if tracker is not None:
+        tracker.flush()

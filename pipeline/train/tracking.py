@@ -1,0 +1,97 @@
+"""MLflow, owned by the driver (DESIGN.md): the driver creates or resumes the run and passes its id
+to the workers; rank 0 logs into that run id; other ranks never touch MLflow.
+
+A tracking outage is loud but not fatal: metrics that fail to send are kept and sent with the next
+batch, and training goes on — unless `tracking.required` is set, in which case an unreachable
+server stops the job before training starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+SECRET_KEY = re.compile(r"(?i)(token|password|passwd|secret|api_?key|access_?key|credential)s?$")
+MAX_PENDING = 200_000  # metrics kept while the server is away
+
+
+def tracking_uri(configured: str | None) -> str:
+    """Configured URI, else $MLFLOW_TRACKING_URI, else an absolute sqlite file in the working dir
+    (absolute, so Ray workers with another working directory log into the same store)."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted params from a nested config; secret-looking keys are left out entirely."""
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        if SECRET_KEY.search(str(key)):
+            continue
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten_params(value, f"{dotted}."))
+        else:
+            out[dotted] = str(value)[:6000]
+    return out
+
+
+def warn(message: str) -> None:
+    print(f"\n!!! MLflow: {message}\n", file=sys.stderr, flush=True)
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> str | None:
+    """None when the tracking store answers, else the reason."""
+    from mlflow.tracking import MlflowClient
+    old = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # fail in seconds, not minutes
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+        return None
+    except Exception as err:  # any failure means "not usable"; the reason is shown to the user
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = old
+
+
+class RunLogger:
+    """Rank 0's handle on the driver's run: metrics by step, buffered across outages."""
+
+    def __init__(self, uri: str | None, run_id: str | None):
+        self.run_id = run_id
+        self.client = None
+        self.pending: list = []
+        self.failures = 0
+        if uri and run_id:
+            from mlflow.tracking import MlflowClient
+            self.client = MlflowClient(uri)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.pending = self.pending[-MAX_PENDING:]
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            for i in range(0, len(self.pending), 1000):  # MLflow's batch limit
+                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000])
+            if self.failures:
+                warn(f"tracking is back; {len(self.pending)} buffered metrics sent")
+            self.pending, self.failures = [], 0
+        except Exception as err:
+            self.failures += 1
+            if self.failures == 1 or self.failures % 20 == 0:
+                warn(f"cannot log to run {self.run_id} ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+                     f"training goes on, {len(self.pending)} metrics buffered")
