@@ -15,8 +15,8 @@ $(VENV)/.setup-stamp: pyproject.toml Makefile
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(NODEPS)
 	touch $@
 
-run: setup          ## the main job on the embedded default (local Ray, local MLflow, CPU)
-	$(PY) jobs/preprocess.py --config jobs/configs/default.yaml
+run: setup          ## the main job end to end on the embedded default (local Ray, local MLflow, CPU)
+	$(PY) jobs/train.py --config jobs/configs/default.yaml
 
 preprocess: setup
 	$(PY) jobs/preprocess.py --config $(or $(CONFIG),jobs/configs/default.yaml) $(ARGS)
@@ -29,3 +29,9 @@ test-all: setup     ## including slow tests
 
 clean-cache:
 	rm -rf $${MTL_HOME:-$$HOME/.cache/mtl-pipeline}/data
+
+smoke: setup        ## the main job in its CI form: a few steps on a few rows
+	$(PY) jobs/train.py --config jobs/configs/default.yaml --smoke
+
+warmup: setup       ## compile DeepSpeed's CPU ops once (CI does this before the tests)
+	$(PY) -m pipeline.train.warmup --offload

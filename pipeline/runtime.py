@@ -7,14 +7,23 @@ import os
 import sys
 
 
-def init_ray(**kwargs) -> None:
+LOCAL_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",  # Ray workers already use every core
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",  # worker start can exceed the 60 s default on small machines
+}
+
+
+def init_ray() -> None:
     """Join the cluster this job was submitted to (`ray job submit`, RAY_ADDRESS, `ray start`), or
     start a local one on this machine with its dashboard on 127.0.0.1."""
     import ray
 
     if ray.is_initialized():
         return
-    ray.init(**kwargs)
+    if not os.environ.get("RAY_ADDRESS"):  # starting Ray here: its workers inherit this environment
+        for key, value in LOCAL_ENV.items():
+            os.environ.setdefault(key, value)
+    ray.init()
     res = ray.cluster_resources()
     print(f"ray: connected to a cluster with {res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs",
           file=sys.stderr, flush=True)

@@ -169,6 +169,9 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
             _log_run_start(client, run_id, cfg, prepared, weights, ratios, config_path, run_dir)
     log(f"run {run_name} in {run_dir}" + (f"; MLflow run {run_id} at {uri}" if run_id else "; no MLflow tracking"))
 
+    from ray.data import DataContext
+    DataContext.get_current().enable_progress_bars = False  # per-worker split bars would drown the step lines
+
     def train_split(t: str):
         ds = prepared[t].dataset("train", limit=cfg.tasks[t].max_rows.get("train"), shuffle_seed=cfg.seed)
         return ds.select_columns([c for c in TRAIN_COLUMNS if c in ds.columns()]).materialize()

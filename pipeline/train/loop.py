@@ -240,8 +240,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             engine.save_checkpoint(folder, tag=DS_TAG, client_state=client)
             if rank == 0:
                 with open(os.path.join(folder, "meta.json"), "w") as fh:
-                    json.dump({"step": step, "run_id": run_id, "best_score": best_score,
-                               "sampler_draws": sampler.draws}, fh)
+                    json.dump({"step": step, "run_id": run_id, "best_score": best_score, "sampler": sampler.state_dict()}, fh)
             report = {"step": step, "best_score": best_score, **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step_{step:07d}")
