@@ -17,6 +17,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -124,7 +125,10 @@ def _log_run_start(client, run_id: str, cfg: Config, prepared: dict[str, Prepare
     for name, task in prepared.items():
         tags += [RunTag(f"data.{name}.source", task.manifest["source"][:5000]),
                  RunTag(f"data.{name}.cache_key", task.manifest["key"])]
-        dataset = MetaDataset(resolve_dataset_source(str(task.path)), name=name, digest=task.manifest["key"])
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both readings are the local folder
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(task.path))
+        dataset = MetaDataset(source, name=name, digest=task.manifest["key"])
         inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")]))
     client.log_batch(run_id, tags=tags)
     client.log_inputs(run_id, datasets=inputs)

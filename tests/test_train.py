@@ -1,0 +1,146 @@
+"""Training on a real Ray cluster with real DeepSpeed engines and a real MLflow store (sqlite),
+on two real tasks (Rotten Tomatoes, BBC News) with tiny 2-layer models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.model.multitask import Head, MultiTaskModel, build_model
+from pipeline.train.driver import train_driver
+from pipeline.train.mixing import TaskSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("ray_session")
+TASKS = "{rotten_tomatoes: {max_rows: {train: 512, validation: 96}}, bbc_news: {max_rows: {train: 512, validation: 96}}}"
+
+
+def _cfg(tmp_path, cache_dir, *extra):
+    return load_config(None, [
+        "name=t", "model.name=tiny-bert", f"tasks={TASKS}", "sampling.strategy=temperature",
+        "train.num_workers=2", "train.cpus_per_worker=0.5", "train.steps=30", "train.batch_size=16", "train.lr=2e-3",
+        "train.log_every=3", "train.eval_every=15", "train.checkpoint_every=10", "train.keep_checkpoints=2",
+        f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"data.cache_dir={cache_dir}", *extra])
+
+
+def _history(cfg, run_id, key):
+    from mlflow.tracking import MlflowClient
+    return [(m.step, m.value) for m in sorted(MlflowClient(cfg.tracking.uri).get_metric_history(run_id, key),
+                                              key=lambda m: m.step)]
+
+
+def _initial_model(cfg):
+    torch.manual_seed(cfg.seed)  # the workers build their model right after the same seeding
+    return build_model(cfg.model.name, [Head("rotten_tomatoes", "classification", 2),
+                                        Head("bbc_news", "classification", 5)], dropout=cfg.train.dropout)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_two_workers_train_checkpoint_and_track(tmp_path, cache_dir, stage):
+    cfg = _cfg(tmp_path, cache_dir, f"train.zero_stage={stage}")
+    result = train_driver(cfg, log=lambda _: None)
+    assert result.steps == 30 and set(result.dev_metrics) == {"rotten_tomatoes", "bbc_news"}
+
+    losses = [v for _, v in _history(cfg, result.run_id, "loss/total")]
+    assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses  # loss falls
+
+    # Every head (and the backbone) moved away from its initialisation: each received gradient.
+    trained, _, meta = MultiTaskModel.load(Path(result.run_dir) / "final_model")
+    initial = _initial_model(cfg).state_dict()
+    for name, tensor in trained.state_dict().items():
+        if name.startswith("heads.") and name.endswith("weight"):
+            assert not torch.allclose(tensor, initial[name]), f"{name} never changed"
+    assert not torch.allclose(trained.state_dict()["backbone.encoder.layer.0.attention.self.query.weight"],
+                              initial["backbone.encoder.layer.0.attention.self.query.weight"])
+    assert meta["step"] == 30 and meta["run_id"] == result.run_id
+
+    checkpoints = sorted(p.name for p in Path(result.run_dir).glob("step_*"))
+    assert checkpoints == ["step_0000020", "step_0000030"]  # keep_checkpoints=2
+    assert json.loads((Path(result.run_dir) / "step_0000030" / "meta.json").read_text())["step"] == 30
+    best = json.loads((Path(result.run_dir) / "best_model" / "mtl_model.json").read_text())
+    assert best["score"] == pytest.approx(result.best_score)
+
+    from mlflow.tracking import MlflowClient
+    run = MlflowClient(cfg.tracking.uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.zero_stage"] == str(stage) and run.data.params["weight.bbc_news"] == "1"
+    assert {"dev/score", "dev/rotten_tomatoes/accuracy", "dev/bbc_news/macro_f1", "tokens_per_s",
+            "loss/rotten_tomatoes", "loss/bbc_news"} <= set(run.data.metrics)
+    artifacts = {a.path for a in MlflowClient(cfg.tracking.uri).list_artifacts(result.run_id, "model")}
+    assert {"model/backbone", "model/heads.safetensors", "model/mtl_model.json", "model/tokenizer"} <= artifacts
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"rotten_tomatoes", "bbc_news"}
+
+
+def test_resume_continues_at_the_saved_step_in_the_same_mlflow_run(tmp_path, cache_dir):
+    first = train_driver(_cfg(tmp_path, cache_dir, "train.zero_stage=3", "train.steps=12", "train.checkpoint_every=6",
+                              "train.log_every=1", "train.eval_every=6"), log=lambda _: None)
+    cfg = _cfg(tmp_path, cache_dir, "train.zero_stage=3", "train.steps=18", "train.checkpoint_every=6",
+               "train.log_every=1", "train.eval_every=6")
+    again = train_driver(cfg, resume=True, log=lambda _: None)
+    assert again.run_id == first.run_id and again.run_name == first.run_name and again.steps == 18
+
+    # Steps 1-12 logged by the first run, 13-18 by the resumed one: each exactly once.
+    assert [s for s, _ in _history(cfg, again.run_id, "loss/total")] == list(range(1, 19))
+    from mlflow.tracking import MlflowClient
+    runs = MlflowClient(cfg.tracking.uri).search_runs([MlflowClient(cfg.tracking.uri).get_experiment_by_name("t").experiment_id])
+    assert len(runs) == 1
+
+    # The sampler continued its sequence: its state equals a fresh sampler's after 18 draws.
+    meta = json.loads((Path(again.run_dir) / "step_0000018" / "meta.json").read_text())
+    sampler_state = meta["sampler"]
+    assert sampler_state["draws"] == 18
+    # Rebuild the run's own ratios from its params to replay the sequence independently.
+    params = MlflowClient(cfg.tracking.uri).get_run(again.run_id).data.params
+    fresh = TaskSampler({t: float(params[f"ratio.{t}"]) for t in ("rotten_tomatoes", "bbc_news")}, seed=cfg.seed)
+    for _ in range(18):
+        fresh.next()
+    assert fresh.state_dict()["rng"] == sampler_state["rng"]
+
+
+def test_causal_lm_backbone_with_optimizer_offload(tmp_path, cache_dir):
+    cfg = _cfg(tmp_path, cache_dir, "model.name=tiny-llama", "train.zero_stage=2", "train.offload_optimizer=true",
+               "train.steps=20", "train.eval_every=20", "train.checkpoint_every=20")
+    result = train_driver(cfg, log=lambda _: None)
+    losses = [v for _, v in _history(cfg, result.run_id, "loss/total")]
+    assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
+    trained, _, _ = MultiTaskModel.load(Path(result.run_dir) / "final_model")
+    assert trained.kind == "causal"
+    initial = _initial_model(cfg).state_dict()
+    assert not torch.allclose(trained.state_dict()["heads.bbc_news.1.weight"], initial["heads.bbc_news.1.weight"])
+
+
+def test_resources_the_cluster_can_never_give_fail_fast(tmp_path, cache_dir):
+    with pytest.raises(PipelineError) as info:
+        train_driver(_cfg(tmp_path, cache_dir, "train.num_workers=5", "train.cpus_per_worker=1"), log=lambda _: None)
+    (line,) = [str(p) for p in info.value.problems]
+    assert line.startswith("train.num_workers: 5 workers × 1 CPU = 5 CPUs, but the cluster has 2")
+
+
+def test_unreachable_required_tracking_stops_before_training(tmp_path, cache_dir):
+    cfg = _cfg(tmp_path, cache_dir, "tracking.uri=http://127.0.0.1:9", "tracking.required=true")
+    with pytest.raises(PipelineError, match=r"tracking.uri: MLflow at http://127.0.0.1:9 cannot be reached"):
+        train_driver(cfg, log=lambda _: None)
+    assert not list((tmp_path / "runs").glob("*/step_*"))
+
+
+def test_readme_main_job_smoke_form(ray_session, tmp_path, cache_dir):
+    """`make run` is jobs/train.py on the default config; its CI form is --smoke (real MiniLM)."""
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "jobs/train.py", "--config", "jobs/configs/default.yaml", "--smoke",
+           f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+           f"data.cache_dir={cache_dir}", "train.cpus_per_worker=0.5"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "MLflow run id: " in out.stdout and "best dev score" in out.stdout
+    table = out.stdout.split("metric")[-1]
+    rows = [l.split() for l in table.splitlines() if l.startswith(("rotten_tomatoes ", "bbc_news "))]
+    assert {r[0] for r in rows} == {"rotten_tomatoes", "bbc_news"} and all(0.0 <= float(r[2]) <= 1.0 for r in rows)
