@@ -25,7 +25,7 @@ from pipeline.runtime import init_ray, job_parser  # noqa: E402
 
 @exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
-    args = job_parser(__doc__).parse_args(argv)
+    args = job_parser(__doc__).parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     init_ray()
     prepared = prepare_tasks(cfg)

@@ -36,8 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
                         help="continue the latest run of this config's name, or the named run")
     parser.add_argument("--smoke", action="store_true", help="a few steps on a few rows: checks the whole path")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     overrides = list(args.overrides)
+    if isinstance(args.resume, str) and "=" in args.resume:  # `--resume key=value`: an override, not a run name
+        overrides.append(args.resume)
+        args.resume = True
     if args.smoke:
         raw = load_config(args.config, overrides)
         overrides = SMOKE + [f"tasks.{t}.max_rows={SMOKE_ROWS}" for t in raw.tasks] + overrides

@@ -29,9 +29,12 @@ def init_ray() -> None:
           file=sys.stderr, flush=True)
 
 
-def job_parser(doc: str) -> argparse.ArgumentParser:
-    """Parser with the shared `--config` and `key=value` overrides; the job's docstring is the help text."""
+def job_parser(doc: str, *, command: list[str] | None = None) -> argparse.ArgumentParser:
+    """Parser with the shared `--config` and `key=value` overrides; the job's docstring is the help text.
+    `command`: choices of a leading positional (e.g. which benchmark)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if command:
+        parser.add_argument("name", choices=command, help="which one to run")
     parser.add_argument("--config", default=os.path.join("jobs", "configs", "default.yaml"),
                         help="YAML config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",

@@ -144,3 +144,19 @@ def test_readme_main_job_smoke_form(ray_session, tmp_path, cache_dir):
     table = out.stdout.split("metric")[-1]
     rows = [l.split() for l in table.splitlines() if l.startswith(("rotten_tomatoes ", "bbc_news "))]
     assert {r[0] for r in rows} == {"rotten_tomatoes", "bbc_news"} and all(0.0 <= float(r[2]) <= 1.0 for r in rows)
+
+
+def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "jobs/benchmark.py", "train", "--config", "jobs/configs/default.yaml", "--out", str(tmp_path),
+           "model.name=tiny-bert", "train.steps=24", "train.eval_every=24", "train.checkpoint_every=24",
+           "train.log_every=4", "train.warmup_steps=0", "train.cpus_per_worker=0.5",
+           f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+           f"data.cache_dir={cache_dir}"]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = json.loads((tmp_path / "train.json").read_text())
+    assert result["plain"]["tokens_per_s"] > 0 and result["job"]["tokens_per_s"] > 0
+    assert result["ratio_job_over_plain"] == pytest.approx(result["job"]["tokens_per_s"] / result["plain"]["tokens_per_s"])
+    assert len(result["job"]["tokens_per_s_windows"]) == 5  # 6 logged windows, the start-up one left out
+    assert "Ratio job / plain" in (tmp_path / "train.md").read_text()

@@ -182,7 +182,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
              for t in tasks}
     dev = {t: ray.get(ref) for t, ref in config["dev"].items()}
 
-    window = {"start": time.perf_counter(), "tokens": 0, "samples": 0, "losses": {t: [] for t in tasks}}
+    def new_window() -> dict:  # throughput counts training time only: evaluation and checkpoints are paused
+        return {"start": time.perf_counter(), "paused": 0.0, "tokens": 0, "samples": 0, "losses": {t: [] for t in tasks}}
+
+    window = new_window()
     engine.train()
     while step < train["steps"]:
         task = sampler.next()
@@ -203,17 +206,18 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if step % train["log_every"] == 0 or last:
             counts = torch.tensor([window["tokens"], window["samples"]], dtype=torch.float64)
             dist.all_reduce(counts)  # throughput of the whole group, not one rank
-            seconds = time.perf_counter() - window["start"]
+            seconds = time.perf_counter() - window["start"] - window["paused"]
             losses = {t: float(np.mean(v)) for t, v in window["losses"].items() if v}
             metrics.update({f"loss/{t}": v for t, v in losses.items()})
             metrics["loss/total"] = float(np.mean([weights[t] * v for t, v in losses.items()]))
             metrics["lr"] = optimizer.param_groups[0]["lr"]
             metrics["tokens_per_s"] = counts[0].item() / seconds
             metrics["samples_per_s"] = counts[1].item() / seconds
-            window = {"start": time.perf_counter(), "tokens": 0, "samples": 0, "losses": {t: [] for t in tasks}}
+            window = new_window()
             if rank == 0:
                 say(f"step {step}/{train['steps']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
+        paused = time.perf_counter()
         if step % train["eval_every"] == 0 or last:
             results = evaluate(engine, model, dev, train["eval_batch_size"], pad_id, rank, world)
             per_task = {t: task_metrics(specs[t], p, r) for t, (p, r) in results.items()}
@@ -245,6 +249,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step_{step:07d}")
             shutil.rmtree(folder, ignore_errors=True)
+        window["paused"] += time.perf_counter() - paused
 
     publish_model(engine, model, tokenizer, config["run_dir"], "final_model", rank,
                   {"step": step, "run_id": run_id, **config["meta"]})
