@@ -132,6 +132,15 @@ def test_unreachable_required_tracking_stops_before_training(tmp_path, cache_dir
     assert not list((tmp_path / "runs").glob("*/step_*"))
 
 
+def test_unreachable_optional_tracking_warns_and_trains(tmp_path, cache_dir, capfd):
+    cfg = _cfg(tmp_path, cache_dir, "tracking.uri=http://127.0.0.1:9", "train.steps=4", "train.eval_every=4",
+               "train.checkpoint_every=4", "train.log_every=2")
+    result = train_driver(cfg, log=lambda _: None)
+    assert result.run_id is None and result.steps == 4 and set(result.dev_metrics) == {"rotten_tomatoes", "bbc_news"}
+    assert "MLflow: http://127.0.0.1:9 cannot be reached" in capfd.readouterr().err
+    assert (Path(result.run_dir) / "final_model" / "mtl_model.json").is_file()
+
+
 def test_readme_main_job_smoke_form(ray_session, tmp_path, cache_dir):
     """`make run` is jobs/train.py on the default config; its CI form is --smoke (real MiniLM)."""
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
