@@ -9,7 +9,6 @@ every problem as `<key>: <what> — <fix>`. Relative paths are relative to the w
 from __future__ import annotations
 
 import difflib
-import os
 import types
 import typing
 from pathlib import Path
@@ -19,9 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import PipelineError, Problem
-from pipeline.tasks import BUILTIN, METRICS_BY_KIND, SPLITS, Columns, FilesSource, SplitFiles, TaskRegistry, TaskSpec
+from pipeline.model.refs import HOME
+from pipeline.tasks import BUILTIN, METRICS_BY_KIND, Columns, FilesSource, SplitFiles, TaskRegistry, TaskSpec
 
-HOME = Path(os.environ.get("MTL_HOME", "~/.cache/mtl-pipeline")).expanduser()
 
 
 class _Problems(ValueError):

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import load_config
+from pipeline.data.normalise import DROP_REASONS
 from pipeline.data.preprocess import prepare_tasks
 from pipeline.errors import PipelineError
 from pipeline.model.refs import load_tokenizer, resolve_model
@@ -166,6 +167,8 @@ def test_user_tasks_from_every_format_count_bad_rows_by_reason(tmp_path, cache_d
     assert train["u_parquet"] == {"rows": 3, "kept": 2, "dropped": {"empty_text": 1}}
     texts = {r["text"] for r in prepared["u_csv"].dataset("train").take_all()}
     assert texts == {"multi\nline, quoted", "bad"}
+    reasons = {r for t in prepared.values() for c in t.manifest["counts"].values() for r in c["dropped"]}
+    assert reasons <= set(DROP_REASONS)
     examples = prepared["u_tsv"].manifest["dropped_examples"]
     assert {e["drop_reason"] for e in examples} == {"unparsable", "empty_text", "missing_label", "bad_label"}
 

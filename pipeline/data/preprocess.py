@@ -28,7 +28,7 @@ from pipeline.data.sources import ResolvedSource, read_files, read_hub, resolve_
 from pipeline.data.tokenize import Tokenizer
 from pipeline.errors import PipelineError, Problem
 from pipeline.model.refs import tokenizer_fingerprint
-from pipeline.tasks.spec import HubSource, TaskSpec
+from pipeline.tasks.spec import SPLITS, HubSource, TaskSpec
 
 CACHE_VERSION = 1  # bump when the cached schema or the normalisation rules change
 MANIFEST = "manifest.json"
@@ -161,7 +161,7 @@ def _count(folder: Path) -> tuple[dict, list]:
     table = data.to_table(columns=["split", "drop_reason"])
     grouped = table.group_by(["split", "drop_reason"]).aggregate([([], "count_all")]).to_pylist()
     counts: dict[str, dict] = {}
-    for split in ("train", "validation", "test"):  # a stable order for logs and manifests
+    for split in SPLITS:  # a stable order for logs and manifests
         rows = [g for g in grouped if g["split"] == split]
         if rows:
             dropped = {g["drop_reason"]: g["count_all"] for g in rows if g["drop_reason"]}

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import importlib.util
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -144,7 +143,3 @@ def tokenizer_fingerprint(name: str) -> str:
             digest.update(fname.encode() + b"\0" + f.read_bytes())
     return digest.hexdigest()[:16]
 
-
-def clear_converted(name: str) -> None:
-    """Remove a converted packaged model (it is rebuilt on next use)."""
-    shutil.rmtree(HOME / "models" / name, ignore_errors=True)

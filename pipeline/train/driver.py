@@ -13,8 +13,6 @@ the run id to the workers, where rank 0 logs metrics.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 import uuid
 import warnings
