@@ -123,6 +123,8 @@ def test_rotten_tomatoes_and_xsum_from_packages(cache_dir):
     tok = load_tokenizer("minilm-l6")
     for row in rows:
         assert row["target"] == by_id[row["id"]]["summary"] and row["label"] is None
+        assert list(row["input_ids"]) == tok(row["text"], add_special_tokens=False, truncation=True,
+                                             max_length=128)["input_ids"]
         assert list(row["target_ids"]) == tok(row["target"], add_special_tokens=False, truncation=True,
                                               max_length=64)["input_ids"]
 

@@ -30,7 +30,7 @@ from pipeline.errors import PipelineError, Problem
 from pipeline.model.refs import tokenizer_fingerprint
 from pipeline.tasks.spec import SPLITS, HubSource, TaskSpec
 
-CACHE_VERSION = 1  # bump when the cached schema or the normalisation rules change
+CACHE_VERSION = 2  # bump when the cached schema or the normalisation rules change
 MANIFEST = "manifest.json"
 
 

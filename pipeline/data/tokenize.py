@@ -1,7 +1,8 @@
 """Tokenization of normalised batches, for Ray Data `map_batches(batch_format="pyarrow")`.
 
 No padding here: batches are padded dynamically at training time, so the cache stores exact-length
-token id lists (`input_ids`, optional `token_type_ids`, and `target_ids` for summarization).
+token id lists (`input_ids`, optional `token_type_ids`, and `target_ids` for summarization). For
+summarization, `input_ids` are the document's tokens without special tokens (a prompt wraps them).
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class Tokenizer:
         tok = load_tokenizer(self.model)
         texts = [t or "" for t in batch["text"].to_pylist()]
         pairs = [t or "" for t in batch["text_pair"].to_pylist()] if self.pair else None
-        enc = tok(texts, pairs, truncation=True, max_length=self.max_length, return_attention_mask=False)
+        # Summarization documents are wrapped in a prompt at training time: no special tokens here.
+        enc = tok(texts, pairs, truncation=True, max_length=self.max_length, return_attention_mask=False,
+                  add_special_tokens=not self.max_target_length)
         ids = enc["input_ids"]
         batch = batch.append_column("input_ids", list_array(ids))
         batch = batch.append_column("num_tokens", pa.array(np.fromiter(map(len, ids), np.int32, len(ids))))

@@ -32,8 +32,23 @@ METRIC_FUNCTIONS = {
 }
 
 
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str], types: Sequence[str] = ROUGE_TYPES) -> dict[str, float]:
+    """Mean ROUGE F-measures with Porter stemming (the `rouge-score` package, as used by `evaluate`).
+    rougeLsum treats newlines as sentence boundaries."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=True)
+    scores = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
+    return {t: float(np.mean([s[t].fmeasure for s in scores])) if scores else 0.0 for t in types}
+
+
 def task_metrics(spec: TaskSpec, predictions: Sequence, references: Sequence) -> dict[str, float]:
-    """Every metric the task declares. Classification predictions are class indices."""
+    """Every metric the task declares. Classification predictions are class indices; summarization
+    predictions and references are texts."""
+    if spec.kind == "summarization":
+        return rouge(predictions, references, [m for m in spec.metrics if m in ROUGE_TYPES])
     preds, refs = np.asarray(predictions), np.asarray(references)
     if spec.kind == "classification":
         preds, refs = preds.astype(np.int64), refs.astype(np.int64)

@@ -57,9 +57,14 @@ class MultiTaskModel(nn.Module):
         self.backbone = backbone
         self.kind = backbone_kind(backbone.config)
         self.head_specs = {h.task: h for h in heads}
+        generative = [h.task for h in self.head_specs.values() if h.kind == "summarization"]
+        if generative and self.kind != "causal":
+            raise ValueError(f"summarization tasks {generative} need a causal LM backbone; "
+                             f"{backbone.config.model_type} is an {self.kind}")
         hidden = backbone.config.hidden_size
+        # Summarization trains through the causal LM's own head: no extra module for it.
         self.heads = nn.ModuleDict({h.task: nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, h.num_labels))
-                                    for h in self.head_specs.values()})
+                                    for h in self.head_specs.values() if h.kind != "summarization"})
 
     def pooled(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         if self.kind == "encoder":
@@ -72,6 +77,9 @@ class MultiTaskModel(nn.Module):
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
     def forward(self, task: str, input_ids, attention_mask, token_type_ids=None, labels=None):
+        if self.head_specs[task].kind == "summarization":  # labels: -100 on prompt and padding
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+            return out.logits, out.loss
         logits = self.heads[task](self.pooled(input_ids, attention_mask, token_type_ids))
         if self.head_specs[task].kind == "regression":
             logits = logits.squeeze(-1)
@@ -88,6 +96,19 @@ class MultiTaskModel(nn.Module):
         """Class indices (classification) or scores (regression)."""
         logits, _ = self(task, input_ids, attention_mask, token_type_ids)
         return logits.argmax(-1) if self.head_specs[task].kind == "classification" else logits.float()
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, max_new_tokens: int, num_beams: int = 1, synced_gpus: bool = False,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, **kwargs) -> torch.Tensor:
+        """New tokens only (prompts left-padded), batched, with the KV cache. `max_new_tokens` is
+        required: it comes from the task's declared summary length. `synced_gpus` keeps every rank
+        stepping until all are done, which sharded (ZeRO-3) parameters need."""
+        out = self.backbone.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            do_sample=False, use_cache=True, synced_gpus=synced_gpus,
+            pad_token_id=self.backbone.config.pad_token_id if pad_token_id is None else pad_token_id,
+            eos_token_id=self.backbone.config.eos_token_id if eos_token_id is None else eos_token_id, **kwargs)
+        return out[:, input_ids.shape[1]:]
 
     def param_groups(self, lr: float, weight_decay: float, head_lr_mult: dict[str, float]) -> list[dict]:
         """Backbone with and without weight decay (no decay on biases and norms), one group per head

@@ -26,7 +26,7 @@ from pipeline.errors import PipelineError, Problem
 from pipeline.train.mixing import normalise_weights, sampling_ratios
 from pipeline.train.tracking import check_reachable, flatten_params, tracking_uri, warn
 
-TRAIN_COLUMNS = ["input_ids", "token_type_ids", "label"]
+TRAIN_COLUMNS = ["input_ids", "token_type_ids", "label", "target_ids"]
 
 
 @dataclass
@@ -82,7 +82,9 @@ def _run_dir(cfg: Config, resume: bool | str) -> tuple[str, str, dict | None]:
 
 def _dev_rows(task: PreparedTask, limit: int | None, seed: int) -> dict[str, list]:
     rows = task.dataset("validation", limit=limit, shuffle_seed=seed).take_all()
-    cols = [c for c in TRAIN_COLUMNS if c in rows[0]]
+    if task.spec.kind == "summarization":  # generation is scored against the reference text
+        return {"input_ids": [list(r["input_ids"]) for r in rows], "target": [r["target"] for r in rows]}
+    cols = [c for c in ("input_ids", "token_type_ids", "label") if c in rows[0]]
     return {c: [r[c] if c == "label" else list(r[c]) for r in rows] for c in cols}
 
 
@@ -145,11 +147,19 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
 
     start = time.monotonic()
     specs = cfg.task_specs()
-    unsupported = [Problem(f"tasks.{n}", "summarization training is not available yet",
-                           "train classification and regression tasks for now") for n, s in specs.items()
-                   if s.kind == "summarization"]
-    if unsupported:
-        raise PipelineError(unsupported)
+    generative = [n for n, s in specs.items() if s.kind == "summarization"]
+    if generative:
+        from pipeline.model.multitask import backbone_kind
+        from pipeline.model.refs import resolve_model
+        from transformers import AutoConfig
+        ref = resolve_model(cfg.model.name, weights=False)
+        kind = backbone_kind(AutoConfig.for_model(**ref.config) if ref.source == "tiny" else
+                             AutoConfig.from_pretrained(ref.tokenizer_path))
+        if kind != "causal":
+            raise PipelineError([Problem(f"tasks.{n}", f"summarization trains through a causal LM head, but "
+                                         f"model.name {cfg.model.name!r} is an {kind}",
+                                         "use a causal LM backbone (e.g. smollm2-135m, tiny-llama) for summarization")
+                                 for n in generative])
     check_resources(cfg)
     run_name, run_dir, previous = _run_dir(cfg, resume)
     prepared = prepare_tasks(cfg, log=log)

@@ -24,6 +24,7 @@ import torch
 
 from pipeline.model.multitask import Head, build_model
 from pipeline.model.refs import load_tokenizer
+from pipeline.model.summarize import PromptFormat
 from pipeline.train.mixing import TaskSampler
 from pipeline.train.tracking import RunLogger
 
@@ -56,7 +57,16 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor
     return out
 
 
-def batches_forever(shard, batch_size: int, pad_id: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+def make_batch(batch: dict[str, np.ndarray], pad_id: int, prompt: PromptFormat | None) -> dict[str, torch.Tensor]:
+    """Classification/regression: padded token ids and labels. Summarization: prompt + summary, with
+    labels on the summary tokens only."""
+    if prompt is None:
+        return collate(batch, pad_id)
+    return prompt.training_batch([list(x) for x in batch["input_ids"]], [list(x) for x in batch["target_ids"]])
+
+
+def batches_forever(shard, batch_size: int, pad_id: int, seed: int,
+                    prompt: PromptFormat | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Endless task-homogeneous batches from this worker's shard; reshuffled every epoch."""
     for epoch in range(1 << 30):
         empty = True
@@ -64,7 +74,7 @@ def batches_forever(shard, batch_size: int, pad_id: int, seed: int) -> Iterator[
                                         local_shuffle_buffer_size=max(256, 4 * batch_size),
                                         local_shuffle_seed=seed + epoch):
             empty = False
-            yield collate(batch, pad_id)
+            yield make_batch(batch, pad_id, prompt)
         if empty:
             raise RuntimeError("a task's training shard is empty on this worker: use fewer workers or more rows")
 
@@ -104,22 +114,31 @@ def deepspeed_config(train: dict[str, Any], world_size: int) -> dict[str, Any]:
 
 
 def evaluate(engine, model, dev: dict[str, dict[str, list]], batch_size: int, pad_id: int, rank: int,
-             world: int) -> dict[str, tuple[list, list]]:
+             world: int, prompts: dict[str, PromptFormat], max_new_tokens: dict[str, int], tokenizer=None,
+             synced: bool = False) -> dict[str, tuple[list, list]]:
     """Every rank predicts a strided share of each dev set with the same number of batches (ZeRO-3
-    forwards are collective), then predictions are gathered: identical results on every rank."""
+    forwards are collective), then predictions are gathered: identical results on every rank.
+    Summarization predictions are greedy generations decoded to text, scored against the targets."""
     import torch.distributed as dist
     engine.eval()
     out = {}
     for task, rows in dev.items():
-        n = len(rows["label"])
+        n = len(rows["input_ids"])
         mine = list(range(rank, n, world))
         n_batches = math.ceil(math.ceil(n / world) / batch_size)
         preds: list[tuple[int, float]] = []
         for b in range(n_batches):
             idx = mine[b * batch_size:(b + 1) * batch_size]
             take = idx or [0]  # a rank with nothing left still joins the collective forward
+            if task in prompts:
+                gen = prompts[task].generation_batch([rows["input_ids"][i] for i in take])
+                new = model.generate(**gen, max_new_tokens=max_new_tokens[task], eos_token_id=prompts[task].eos,
+                                     synced_gpus=synced)
+                texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+                preds += list(zip(idx, [t.strip() for t in texts]))
+                continue
             batch = collate({k: np.array([rows[k][i] for i in take], dtype=object) if k != "label"
-                             else np.array([rows[k][i] for i in take]) for k in rows}, pad_id)
+                             else np.array([rows[k][i] for i in take]) for k in rows if k != "target"}, pad_id)
             batch.pop("labels")
             with torch.no_grad():
                 logits, _ = engine(task=task, **batch)
@@ -128,7 +147,7 @@ def evaluate(engine, model, dev: dict[str, dict[str, list]], batch_size: int, pa
         gathered = [None] * world
         dist.all_gather_object(gathered, preds)
         merged = dict(p for part in gathered for p in part)
-        out[task] = ([merged[i] for i in range(n)], list(rows["label"]))
+        out[task] = ([merged[i] for i in range(n)], list(rows["target"] if task in prompts else rows["label"]))
     engine.train()
     return out
 
@@ -178,8 +197,12 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             say(f"resumed at step {step} (sampler draw {sampler.draws}, best score {best_score:.2f})")
     tracker = RunLogger(config["tracking_uri"], run_id) if rank == 0 else None
 
-    iters = {t: batches_forever(ray.train.get_dataset_shard(t), train["batch_size"], pad_id, cfg.seed + rank)
-             for t in tasks}
+    prompts = {t: PromptFormat(tokenizer, specs[t].prompt) for t in tasks if specs[t].kind == "summarization"}
+    max_new = {t: min(cfg.model.max_target_length, specs[t].max_target_tokens or cfg.model.max_target_length)
+               for t in prompts}  # the task's declared summary length, never a library default
+    synced = train["zero_stage"] == 3 and world > 1
+    iters = {t: batches_forever(ray.train.get_dataset_shard(t), train["batch_size"], pad_id, cfg.seed + rank,
+                                prompts.get(t)) for t in tasks}
     dev = {t: ray.get(ref) for t, ref in config["dev"].items()}
 
     def new_window() -> dict:  # throughput counts training time only: evaluation and checkpoints are paused
@@ -219,7 +242,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
         paused = time.perf_counter()
         if step % train["eval_every"] == 0 or last:
-            results = evaluate(engine, model, dev, train["eval_batch_size"], pad_id, rank, world)
+            results = evaluate(engine, model, dev, train["eval_batch_size"], pad_id, rank, world, prompts, max_new,
+                               tokenizer, synced)
             per_task = {t: task_metrics(specs[t], p, r) for t, (p, r) in results.items()}
             score = multitask_score(per_task, specs)
             metrics.update({f"dev/{t}/{m}": v for t, ms in per_task.items() for m, v in ms.items()})
