@@ -87,6 +87,15 @@ def test_pairs_and_regression_targets(glue, glue_dir):
     assert all(r["label"] is None for r in prepared["mrpc"].dataset("test", limit=20).take_all())
 
 
+def test_seeded_order_is_reproducible_and_columns_can_be_chosen(glue):
+    _, prepared, _ = glue
+    first = prepared["sst2"].dataset("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"]).take_all()
+    again = prepared["sst2"].dataset("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"]).take_all()
+    other = prepared["sst2"].dataset("train", limit=50, shuffle_seed=4, columns=["input_ids", "label"]).take_all()
+    assert first == again and first != other and set(first[0]) == {"input_ids", "label"}
+    assert {r["label"] for r in first} == {0.0, 1.0}  # a random subset, not the head of the file
+
+
 def test_second_run_hits_the_cache(glue, glue_dir, cache_dir):
     cfg, first, _ = glue
     logs: list[str] = []

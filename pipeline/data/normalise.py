@@ -31,9 +31,14 @@ def row_id(*parts: Any) -> str:
     return hashlib.blake2b("\x1f".join("" if p is None else str(p) for p in parts).encode(), digest_size=8).hexdigest()
 
 
+def seeded_hash(seed: int | str, key: str) -> int:
+    """A 64-bit hash of (seed, key): the same on every machine and in every process."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
+
+
 def carve_split(key: str, seed: int, fractions: Mapping[str, float]) -> str:
     """Seeded, order-independent split assignment: the same row lands in the same split everywhere."""
-    u = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big") / 2.0**64
+    u = seeded_hash(seed, key) / 2.0**64
     total = 0.0
     for split, frac in fractions.items():
         total += frac

@@ -52,19 +52,31 @@ class PreparedTask:
     def dataset(self, split: str, limit: int | None = None, columns: list[str] | None = None,
                 shuffle_seed: int | None = None):
         """The kept rows of one split as a Ray Dataset (read lazily from the cache). Rows are cached in
-        source order (often sorted by label): pass `shuffle_seed` for a seeded global shuffle, which
-        also makes `limit` a random subset rather than the first rows of the file."""
+        source order (often sorted by label): `shuffle_seed` orders them by a seeded hash of their id
+        instead, which makes `limit` a random subset rather than the first rows of the file — and the
+        same subset in the same order on every run (a seeded `random_shuffle` is not reproducible)."""
         import ray.data
         from ray.data.expressions import col
 
         if self.rows(split) == 0:
             raise PipelineError.one(f"tasks.{self.name}", f"has no {split} rows",
                                     f"use one of its splits: {', '.join(self.splits)}")
-        ds = ray.data.read_parquet(str(self.path / f"split={split}"), columns=columns)
+        read = None if columns is None else sorted(set(columns) | {"drop_reason", "id"})  # the filter and order need them
+        ds = ray.data.read_parquet(str(self.path / f"split={split}"), columns=read)
         ds = ds.filter(expr=col("drop_reason") == "")
         if shuffle_seed is not None:
-            ds = ds.random_shuffle(seed=shuffle_seed)
-        return ds.limit(limit) if limit else ds
+            ds = ds.map_batches(_with_order_key, fn_args=(shuffle_seed,), batch_format="pyarrow")
+            ds = ds.sort("_order").drop_columns(["_order"])
+        if limit:
+            ds = ds.limit(limit)
+        return ds if columns is None else ds.select_columns(columns)
+
+
+def _with_order_key(batch, seed: int):
+    import pyarrow as pa
+    from pipeline.data.normalise import seeded_hash
+    keys = [seeded_hash(f"order-{seed}", i) for i in batch["id"].to_pylist()]
+    return batch.append_column("_order", pa.array(keys, pa.uint64()))
 
 
 def cache_key(spec: TaskSpec, resolved: ResolvedSource, tokenizer_fp: str, max_length: int,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from typing import Any
 
 
 
-def publish_model(engine, model, tokenizer, run_dir: str, name: str, rank: int, metadata: dict[str, Any]) -> None:
-    """Gather full weights (a no-op below ZeRO-3), rank 0 writes `<run_dir>/<name>/` atomically.
-    Every rank must call this: gathering ZeRO-3 parameters is collective."""
+def publish_model(engine, model, tokenizer, run_dir: str, name: str, rank: int, metadata: dict[str, Any],
+                  files: dict[str, Any] | None = None) -> None:
+    """Gather full weights (a no-op below ZeRO-3), rank 0 writes `<run_dir>/<name>/` atomically, with
+    `files` (name -> JSON-able value) beside the model. Every rank must call this: gathering ZeRO-3
+    parameters is collective."""
     import deepspeed
     import torch.distributed as dist
 
@@ -21,6 +24,9 @@ def publish_model(engine, model, tokenizer, run_dir: str, name: str, rank: int, 
         local = tempfile.mkdtemp(prefix="mtl-model-")
         try:
             model.save(local, tokenizer, state_dict=state, metadata=metadata)
+            for fname, value in (files or {}).items():
+                with open(f"{local}/{fname}", "w") as fh:
+                    json.dump(value, fh)
             replace_folder(local, f"{run_dir}/{name}")
         finally:
             shutil.rmtree(local, ignore_errors=True)

@@ -209,6 +209,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         return {"start": time.perf_counter(), "paused": 0.0, "tokens": 0, "samples": 0, "losses": {t: [] for t in tasks}}
 
     window = new_window()
+    last_results: dict[str, tuple[list, list]] = {}
     engine.train()
     while step < train["steps"]:
         task = sampler.next()
@@ -242,7 +243,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
         paused = time.perf_counter()
         if step % train["eval_every"] == 0 or last:
-            results = evaluate(engine, model, dev, train["eval_batch_size"], pad_id, rank, world, prompts, max_new,
+            results = last_results = evaluate(engine, model, dev, train["eval_batch_size"], pad_id, rank, world, prompts, max_new,
                                tokenizer, synced)
             per_task = {t: task_metrics(specs[t], p, r) for t, (p, r) in results.items()}
             score = multitask_score(per_task, specs)
@@ -275,7 +276,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             shutil.rmtree(folder, ignore_errors=True)
         window["paused"] += time.perf_counter() - paused
 
+    # The engine's own predictions on the dev rows at the last step travel with the model, so a
+    # reloaded copy can be checked against them.
     publish_model(engine, model, tokenizer, config["run_dir"], "final_model", rank,
-                  {"step": step, "run_id": run_id, **config["meta"]})
+                  {"step": step, "run_id": run_id, **config["meta"]},
+                  files={"dev_predictions.json": {t: {"predictions": p, "references": r}
+                                                  for t, (p, r) in last_results.items()}})
     if tracker is not None:
         tracker.flush()

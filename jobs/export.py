@@ -1,0 +1,43 @@
+"""ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python jobs/export.py --run RUN_DIR --out OUT_DIR
+
+Consolidate a training checkpoint (ZeRO 0-3, sharded across any number of ranks) into a model folder
+that a plain process reloads with `MultiTaskModel.load(OUT_DIR)`. Runs on one machine, no Ray needed:
+
+    python jobs/export.py --run ~/.cache/mtl-pipeline/runs/mtl-default-1a2b3c4d --out exported/
+    python jobs/export.py --run RUN_DIR --step 300 --out exported/      # a specific checkpoint
+
+Training already writes `final_model/` and `best_model/` this way; export is for any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a working dir without install
+
+from pipeline.errors import PipelineError, exits_on_bad_input  # noqa: E402
+
+
+@exits_on_bad_input
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path, help="run folder (holds run.json and step_* checkpoints)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", required=True, type=Path, help="where to write the model folder")
+    args = parser.parse_args(argv)
+    steps = sorted(args.run.expanduser().glob("step_*"))
+    if args.step is not None:
+        steps = [p for p in steps if p.name == f"step_{args.step:07d}"]
+    if not steps:
+        raise PipelineError.one(str(args.run), f"no checkpoint{'' if args.step is None else f' for step {args.step}'}",
+                                f"choose one of: {', '.join(p.name for p in sorted(args.run.glob('step_*'))) or 'none'}")
+    from pipeline.train.export import consolidate_checkpoint
+    out = consolidate_checkpoint(steps[-1], args.out)
+    print(f"exported {steps[-1]} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Turn any training checkpoint (ZeRO 0-3, any number of ranks) into a reloadable model folder, in a
+plain process: no Ray, no distributed group.
+
+    consolidate_checkpoint("~/.cache/mtl-pipeline/runs/mtl-1a2b/step_0000300", "out/model")
+
+ZeRO 1-3 checkpoints are merged from the ranks' fp32 optimizer partitions with DeepSpeed's own
+`zero_to_fp32`; ZeRO-0 checkpoints hold the whole module already.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+DS_TAG = "ds"
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict:
+    import torch
+    folder = checkpoint / DS_TAG
+    if list(folder.glob("*optim_states.pt")) and list(folder.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
+    # ZeRO-0: one full copy of the module, written by rank 0. DeepSpeed's own file format (it also
+    # holds the client state) needs full unpickling; it is a file this project wrote.
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def consolidate_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    from pipeline.config import Config
+    from pipeline.model.multitask import Head, build_model
+    from pipeline.model.refs import load_tokenizer
+
+    checkpoint = Path(checkpoint).expanduser()
+    run_json = checkpoint.parent / "run.json"
+    if not (checkpoint / DS_TAG).is_dir() or not run_json.is_file():
+        raise PipelineError.one(str(checkpoint), "not a training checkpoint of this project (no ds/ or ../run.json)",
+                                "pass a step_NNNNNNN folder inside a run folder")
+    run = json.loads(run_json.read_text())
+    cfg = Config.model_validate(run["config"])
+    specs = cfg.task_specs()
+    model = build_model(cfg.model.name, [Head(t, s.kind, s.num_labels) for t, s in specs.items()], cfg.train.dropout)
+    state = consolidated_state_dict(checkpoint)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(model.backbone.config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise PipelineError.one(str(checkpoint), f"weights do not match the run's model (missing {sorted(set(missing) - tied)[:5]}, "
+                                f"unexpected {sorted(unexpected)[:5]})", "export with the code version that trained the run")
+    meta = json.loads((checkpoint / "meta.json").read_text()) if (checkpoint / "meta.json").is_file() else {}
+    return model.save(out, load_tokenizer(cfg.model.name), metadata={
+        "step": meta.get("step"), "run_id": run.get("run_id"), "run_name": run.get("run_name"),
+        "model": cfg.model.name, "exported_from": str(checkpoint)})
