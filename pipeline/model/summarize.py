@@ -1,5 +1,9 @@
-"""Summarization through a causal LM's own head: `prompt(document) + summary + EOS`, with the loss on
-the summary tokens only. No distributed code here.
+"""How summarization examples are laid out for each backbone kind. No distributed code here.
+
+- causal LM (`PromptFormat`): `prompt(document) + summary + EOS` through the LM's own head, with the
+  loss on the summary tokens only;
+- encoder (task decoder with cross-attention) and encoder-decoder (`Seq2SeqFormat`): the document
+  goes to the encoder, the summary + EOS are the decoder's labels.
 
     fmt = PromptFormat(tokenizer, "Summarize ...\\n\\n{text}\\n\\nSummary:")
     ids, labels = fmt.training_example(document_ids, summary_ids)   # labels are -100 on the prompt
@@ -67,3 +71,54 @@ class PromptFormat:
             input_ids[i, longest - len(ids):] = torch.tensor(ids)
             mask[i, longest - len(ids):] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
+
+
+@dataclass
+class Seq2SeqFormat:
+    """Encoder input = the document with the tokenizer's special tokens; labels = summary + EOS."""
+
+    tokenizer: object
+    prefix: list[int] = field(init=False)
+    suffix: list[int] = field(init=False)
+
+    def __post_init__(self):
+        # The special tokens the tokenizer puts around one text ([CLS] … [SEP], … </s>), found by probing.
+        full = self.tokenizer("summary")["input_ids"]
+        core = self.tokenizer("summary", add_special_tokens=False)["input_ids"]
+        start = next(i for i in range(len(full)) if full[i:i + len(core)] == core)
+        self.prefix, self.suffix = full[:start], full[start + len(core):]
+
+    @property
+    def eos(self) -> int:
+        return self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else self.tokenizer.sep_token_id
+
+    def encoder_ids(self, document: list[int]) -> list[int]:
+        return self.prefix + list(document) + self.suffix
+
+    def _encoder_batch(self, documents: list[list[int]]) -> dict[str, torch.Tensor]:
+        ids = [self.encoder_ids(d) for d in documents]
+        longest = max(map(len, ids))
+        input_ids = torch.full((len(ids), longest), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), longest), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, :len(x)] = torch.tensor(x)
+            mask[i, :len(x)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    def training_batch(self, documents: list[list[int]], summaries: list[list[int]]) -> dict[str, torch.Tensor]:
+        batch = self._encoder_batch(documents)
+        targets = [list(s) + [self.eos] for s in summaries]
+        labels = torch.full((len(targets), max(map(len, targets))), IGNORE, dtype=torch.long)
+        for i, t in enumerate(targets):
+            labels[i, :len(t)] = torch.tensor(t)
+        return {**batch, "labels": labels}
+
+    def generation_batch(self, documents: list[list[int]]) -> dict[str, torch.Tensor]:
+        return self._encoder_batch(documents)
+
+
+def summary_format(kind: str, tokenizer, prompt: str | None):
+    """The layout for a backbone kind: `causal`, `encoder` or `seq2seq`."""
+    if kind == "causal":
+        return PromptFormat(tokenizer, prompt or "{text}")
+    return Seq2SeqFormat(tokenizer)

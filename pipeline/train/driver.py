@@ -147,19 +147,6 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
 
     start = time.monotonic()
     specs = cfg.task_specs()
-    generative = [n for n, s in specs.items() if s.kind == "summarization"]
-    if generative:
-        from pipeline.model.multitask import backbone_kind
-        from pipeline.model.refs import resolve_model
-        from transformers import AutoConfig
-        ref = resolve_model(cfg.model.name, weights=False)
-        kind = backbone_kind(AutoConfig.for_model(**ref.config) if ref.source == "tiny" else
-                             AutoConfig.from_pretrained(ref.tokenizer_path))
-        if kind != "causal":
-            raise PipelineError([Problem(f"tasks.{n}", f"summarization trains through a causal LM head, but "
-                                         f"model.name {cfg.model.name!r} is an {kind}",
-                                         "use a causal LM backbone (e.g. smollm2-135m, tiny-llama) for summarization")
-                                 for n in generative])
     check_resources(cfg)
     run_name, run_dir, previous = _run_dir(cfg, resume)
     prepared = prepare_tasks(cfg, log=log)

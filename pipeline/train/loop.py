@@ -24,7 +24,7 @@ import torch
 
 from pipeline.model.multitask import Head, build_model
 from pipeline.model.refs import load_tokenizer
-from pipeline.model.summarize import PromptFormat
+from pipeline.model.summarize import PromptFormat, Seq2SeqFormat, summary_format
 from pipeline.train.mixing import TaskSampler
 from pipeline.train.tracking import RunLogger
 
@@ -57,7 +57,7 @@ def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor
     return out
 
 
-def make_batch(batch: dict[str, np.ndarray], pad_id: int, prompt: PromptFormat | None) -> dict[str, torch.Tensor]:
+def make_batch(batch: dict[str, np.ndarray], pad_id: int, prompt: PromptFormat | Seq2SeqFormat | None) -> dict[str, torch.Tensor]:
     """Classification/regression: padded token ids and labels. Summarization: prompt + summary, with
     labels on the summary tokens only."""
     if prompt is None:
@@ -66,7 +66,7 @@ def make_batch(batch: dict[str, np.ndarray], pad_id: int, prompt: PromptFormat |
 
 
 def batches_forever(shard, batch_size: int, pad_id: int, seed: int,
-                    prompt: PromptFormat | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                    prompt: PromptFormat | Seq2SeqFormat | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Endless task-homogeneous batches from this worker's shard; reshuffled every epoch."""
     for epoch in range(1 << 30):
         empty = True
@@ -114,7 +114,7 @@ def deepspeed_config(train: dict[str, Any], world_size: int) -> dict[str, Any]:
 
 
 def evaluate(engine, model, dev: dict[str, dict[str, list]], batch_size: int, pad_id: int, rank: int,
-             world: int, prompts: dict[str, PromptFormat], max_new_tokens: dict[str, int], tokenizer=None,
+             world: int, prompts: dict[str, PromptFormat | Seq2SeqFormat], max_new_tokens: dict[str, int], tokenizer=None,
              synced: bool = False) -> dict[str, tuple[list, list]]:
     """Every rank predicts a strided share of each dev set with the same number of batches (ZeRO-3
     forwards are collective), then predictions are gathered: identical results on every rank.
@@ -132,7 +132,7 @@ def evaluate(engine, model, dev: dict[str, dict[str, list]], batch_size: int, pa
             take = idx or [0]  # a rank with nothing left still joins the collective forward
             if task in prompts:
                 gen = prompts[task].generation_batch([rows["input_ids"][i] for i in take])
-                new = model.generate(**gen, max_new_tokens=max_new_tokens[task], eos_token_id=prompts[task].eos,
+                new = model.generate(task, **gen, max_new_tokens=max_new_tokens[task], eos_token_id=prompts[task].eos,
                                      synced_gpus=synced)
                 texts = tokenizer.batch_decode(new, skip_special_tokens=True)
                 preds += list(zip(idx, [t.strip() for t in texts]))
@@ -197,7 +197,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             say(f"resumed at step {step} (sampler draw {sampler.draws}, best score {best_score:.2f})")
     tracker = RunLogger(config["tracking_uri"], run_id) if rank == 0 else None
 
-    prompts = {t: PromptFormat(tokenizer, specs[t].prompt) for t in tasks if specs[t].kind == "summarization"}
+    prompts = {t: summary_format(model.kind, tokenizer, specs[t].prompt) for t in tasks
+               if specs[t].kind == "summarization"}
     max_new = {t: min(cfg.model.max_target_length, specs[t].max_target_tokens or cfg.model.max_target_length)
                for t in prompts}  # the task's declared summary length, never a library default
     synced = train["zero_stage"] == 3 and world > 1
