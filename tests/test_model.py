@@ -59,3 +59,11 @@ def test_saved_folder_reloads_with_identical_predictions(tmp_path):
             assert torch.equal(model.predict(task, enc.input_ids, enc.attention_mask),
                                again.predict(task, enc.input_ids, enc.attention_mask))
         assert tokenizer("hello")["input_ids"] == load_tokenizer(name)("hello")["input_ids"]
+
+
+def test_every_parameter_is_in_exactly_one_optimizer_group():
+    for name, heads in [("tiny-bert", HEADS + [Head("xsum", "summarization", 0)]), ("tiny-llama", HEADS),
+                        ("tiny-t5", HEADS + [Head("xsum", "summarization", 0)])]:
+        model = build_model(name, heads)
+        grouped = [id(p) for g in model.param_groups(1e-4, 0.01, {}) for p in g["params"]]
+        assert len(grouped) == len(set(grouped)) == len({id(p) for p in model.parameters()}), name

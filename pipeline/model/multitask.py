@@ -159,13 +159,20 @@ class MultiTaskModel(nn.Module):
         return out[:, 1:]
 
     def param_groups(self, lr: float, weight_decay: float, head_lr_mult: dict[str, float]) -> list[dict]:
-        """Backbone with and without weight decay (no decay on biases and norms), one group per head
-        with its learning-rate multiplier. Each group records its base `lr`."""
-        decay, no_decay = [], []
-        for name, p in self.backbone.named_parameters():
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        groups = [{"params": decay, "weight_decay": weight_decay, "lr": lr, "name": "backbone"},
-                  {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": "backbone_no_decay"}]
+        """Backbone and task decoders with and without weight decay (no decay on biases and norms), one
+        group per head with its learning-rate multiplier. Every parameter is in exactly one group."""
+        def split(module: nn.Module, name: str) -> list[dict]:
+            decay, no_decay, seen = [], [], set()
+            for pname, p in module.named_parameters():  # tied weights appear once
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    (no_decay if p.ndim < 2 or "norm" in pname.lower() else decay).append(p)
+            return [{"params": decay, "weight_decay": weight_decay, "lr": lr, "name": name},
+                    {"params": no_decay, "weight_decay": 0.0, "lr": lr, "name": f"{name}_no_decay"}]
+
+        groups = split(self.backbone, "backbone")
+        for task, decoder in self.decoders.items():  # initialised from the backbone: the backbone's rate
+            groups += split(decoder, f"decoder/{task}")
         for task, head in self.heads.items():
             groups.append({"params": list(head.parameters()), "weight_decay": weight_decay,
                            "lr": lr * head_lr_mult.get(task, 1.0), "name": f"head/{task}"})
