@@ -19,6 +19,18 @@ import torch
 IGNORE = -100  # label value the loss skips (Hugging Face convention)
 
 
+def pad(rows: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids -> (padded tensor, mask of real positions); right-padded unless `left`."""
+    longest = max(map(len, rows))
+    ids = torch.full((len(rows), longest), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(longest - len(row), longest) if left else slice(0, len(row))
+        ids[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
 @dataclass
 class PromptFormat:
     tokenizer: object
@@ -50,26 +62,13 @@ class PromptFormat:
     def training_batch(self, documents: list[list[int]], summaries: list[list[int]]) -> dict[str, torch.Tensor]:
         """Right-padded inputs, attention mask and labels (-100 on prompt and padding)."""
         pairs = [self.training_example(d, s) for d, s in zip(documents, summaries)]
-        longest = max(len(ids) for ids, _ in pairs)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(pairs), longest), pad, dtype=torch.long)
-        labels = torch.full((len(pairs), longest), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(pairs), longest), dtype=torch.long)
-        for i, (ids, lab) in enumerate(pairs):
-            input_ids[i, :len(ids)] = torch.tensor(ids)
-            labels[i, :len(lab)] = torch.tensor(lab)
-            mask[i, :len(ids)] = 1
+        input_ids, mask = pad([ids for ids, _ in pairs], self.tokenizer.pad_token_id)
+        labels, _ = pad([lab for _, lab in pairs], IGNORE)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
     def generation_batch(self, documents: list[list[int]]) -> dict[str, torch.Tensor]:
         """Left-padded prompts, so every row's next token follows its own last prompt token."""
-        prompts = [self.prompt(d) for d in documents]
-        longest = max(map(len, prompts))
-        input_ids = torch.full((len(prompts), longest), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-        for i, ids in enumerate(prompts):
-            input_ids[i, longest - len(ids):] = torch.tensor(ids)
-            mask[i, longest - len(ids):] = 1
+        input_ids, mask = pad([self.prompt(d) for d in documents], self.tokenizer.pad_token_id, left=True)
         return {"input_ids": input_ids, "attention_mask": mask}
 
 
@@ -96,21 +95,12 @@ class Seq2SeqFormat:
         return self.prefix + list(document) + self.suffix
 
     def _encoder_batch(self, documents: list[list[int]]) -> dict[str, torch.Tensor]:
-        ids = [self.encoder_ids(d) for d in documents]
-        longest = max(map(len, ids))
-        input_ids = torch.full((len(ids), longest), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), longest), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, :len(x)] = torch.tensor(x)
-            mask[i, :len(x)] = 1
+        input_ids, mask = pad([self.encoder_ids(d) for d in documents], self.tokenizer.pad_token_id)
         return {"input_ids": input_ids, "attention_mask": mask}
 
     def training_batch(self, documents: list[list[int]], summaries: list[list[int]]) -> dict[str, torch.Tensor]:
         batch = self._encoder_batch(documents)
-        targets = [list(s) + [self.eos] for s in summaries]
-        labels = torch.full((len(targets), max(map(len, targets))), IGNORE, dtype=torch.long)
-        for i, t in enumerate(targets):
-            labels[i, :len(t)] = torch.tensor(t)
+        labels, _ = pad([list(s) + [self.eos] for s in summaries], IGNORE)
         return {**batch, "labels": labels}
 
     def generation_batch(self, documents: list[list[int]]) -> dict[str, torch.Tensor]:
