@@ -20,7 +20,8 @@ IGNORE = -100  # label value the loss skips (Hugging Face convention)
 
 
 def pad(rows: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of ids -> (padded tensor, mask of real positions); right-padded unless `left`."""
+    """Rows of ids -> (padded tensor, mask of real positions); right-padded unless `left`. Used for every
+    batch the project builds (classification inputs, prompts, encoder inputs, labels)."""
     longest = max(map(len, rows))
     ids = torch.full((len(rows), longest), value, dtype=torch.long)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)

@@ -24,7 +24,7 @@ import torch
 
 from pipeline.model.multitask import Head, build_model
 from pipeline.model.refs import load_tokenizer
-from pipeline.model.summarize import PromptFormat, Seq2SeqFormat, summary_format
+from pipeline.model.summarize import PromptFormat, Seq2SeqFormat, pad, summary_format
 from pipeline.train.mixing import TaskSampler
 from pipeline.train.tracking import RunLogger
 
@@ -39,19 +39,10 @@ def say(line: str) -> None:
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch of variable-length token lists (dynamic padding)."""
-    ids = batch["input_ids"]
-    n, longest = len(ids), max(len(x) for x in ids)
-    input_ids = np.full((n, longest), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((n, longest), dtype=np.int64)
-    token_type_ids = np.zeros((n, longest), dtype=np.int64) if "token_type_ids" in batch else None
-    for i, x in enumerate(ids):
-        input_ids[i, :len(x)] = x
-        attention_mask[i, :len(x)] = 1
-        if token_type_ids is not None:
-            token_type_ids[i, :len(x)] = batch["token_type_ids"][i]
-    out = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
-    if token_type_ids is not None:
-        out["token_type_ids"] = torch.from_numpy(token_type_ids)
+    input_ids, attention_mask = pad([list(x) for x in batch["input_ids"]], pad_id)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if "token_type_ids" in batch:
+        out["token_type_ids"], _ = pad([list(x) for x in batch["token_type_ids"]], 0)
     if "label" in batch:
         out["labels"] = torch.as_tensor(np.asarray(batch["label"], dtype=np.float32))
     return out

@@ -47,19 +47,20 @@ def warn(message: str) -> None:
 def check_reachable(uri: str, timeout_s: float = 10.0) -> str | None:
     """None when the tracking store answers, else the reason."""
     from mlflow.tracking import MlflowClient
-    old = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"  # fail in seconds, not minutes
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
+    fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
+    saved = {k: os.environ.get(k) for k in fast}
+    os.environ.update(fast)  # fail in seconds, not minutes; restored below for everything else
     try:
         MlflowClient(uri).search_experiments(max_results=1)
         return None
     except Exception as err:  # any failure means "not usable"; the reason is shown to the user
         return f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
     finally:
-        if old is None:
-            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-        else:
-            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class RunLogger:
