@@ -155,7 +155,7 @@ class MultiTaskModel(nn.Module):
         start = torch.full((input_ids.size(0), 1), self.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
         out = self.decoders[task].generate(
             input_ids=start, encoder_hidden_states=memory, encoder_attention_mask=attention_mask,
-            past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()), **common)
+            cache=EncoderDecoderCache(DynamicCache(), DynamicCache()), **common)
         return out[:, 1:]
 
     def param_groups(self, lr: float, weight_decay: float, head_lr_mult: dict[str, float]) -> list[dict]:

@@ -81,7 +81,7 @@ def _run_dir(cfg: Config, resume: bool | str) -> tuple[str, str, dict | None]:
 
 
 def _dev_rows(task: PreparedTask, limit: int | None, seed: int) -> dict[str, list]:
-    rows = task.dataset("validation", limit=limit, shuffle_seed=seed).take_all()
+    rows = task.table("validation", limit=limit, shuffle_seed=seed).to_pylist()
     if task.spec.kind == "summarization":  # generation is scored against the reference text
         return {"input_ids": [list(r["input_ids"]) for r in rows], "target": [r["target"] for r in rows]}
     cols = [c for c in ("input_ids", "token_type_ids", "label") if c in rows[0]]
@@ -172,8 +172,9 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     DataContext.get_current().enable_progress_bars = False  # per-worker split bars would drown the step lines
 
     def train_split(t: str):
-        ds = prepared[t].dataset("train", limit=cfg.tasks[t].max_rows.get("train"), shuffle_seed=cfg.seed)
-        return ds.select_columns([c for c in TRAIN_COLUMNS if c in ds.columns()]).materialize()
+        columns = [c for c in TRAIN_COLUMNS if c in prepared[t].columns("train")]
+        return prepared[t].dataset("train", limit=cfg.tasks[t].max_rows.get("train"), columns=columns,
+                                   shuffle_seed=cfg.seed).materialize()
 
     datasets = {t: train_split(t) for t in prepared}
     dev = {t: ray.put(_dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.seed)) for t, p in prepared.items()}

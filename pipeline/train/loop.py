@@ -214,7 +214,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             engine.step()
             window["tokens"] += int(batch["attention_mask"].sum())
             window["samples"] += len(batch["input_ids"])
-            window["losses"][task].append(float(loss))
+            window["losses"][task].append(loss.detach().item())
         step += 1
         last = step == train["steps"]
 
