@@ -299,6 +299,11 @@ class Config(Strict):
         registry = self.registry()
         return {name: registry.get(name) for name in self.tasks}
 
+    def max_new_tokens(self, spec: TaskSpec) -> int:
+        """A summarization task's generation length: its declared summary length, capped by
+        model.max_target_length (never a library default)."""
+        return min(self.model.max_target_length, spec.max_target_tokens or self.model.max_target_length)
+
 
 # ---------------------------------------------------------------------------------------------- loading
 

@@ -9,37 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 from pipeline.config import load_config
 from pipeline.data.preprocess import prepare_tasks
 from pipeline.eval.metrics import task_metrics
-from pipeline.model.multitask import MultiTaskModel
+from pipeline.eval.predict import Predictor
 from pipeline.train.driver import _dev_rows, train_driver
-from pipeline.train.loop import collate
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("ray_session")
 TASKS = "{rotten_tomatoes: {max_rows: {train: 256, validation: 50}}, bbc_news: {max_rows: {train: 256, validation: 45}}}"
-
-
-def _engine_order_predictions(model, rows, task, world, batch_size, pad_id):
-    """Predict with the batches each rank formed: rank r takes rows r, r+world, ... in batches."""
-    n = len(rows["input_ids"])
-    preds = {}
-    for rank in range(world):
-        mine = list(range(rank, n, world))
-        for b in range(0, len(mine), batch_size):
-            idx = mine[b:b + batch_size]
-            batch = collate({k: np.array([rows[k][i] for i in idx], dtype=object) if k != "label"
-                             else np.array([rows[k][i] for i in idx]) for k in rows}, pad_id)
-            batch.pop("labels")
-            with torch.no_grad():
-                values = model.predict(task, **batch)
-            preds.update(zip(idx, values.float().tolist()))
-    return [preds[i] for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +34,14 @@ def zero3_run(tmp_path_factory, cache_dir):
 
 
 def _check_same(folder: Path, cfg, engine: dict):
-    model, tokenizer, _ = MultiTaskModel.load(folder)
+    predictor = Predictor(folder)
     prepared = prepare_tasks(cfg, log=lambda _: None)
     specs = cfg.task_specs()
     for task, logged in engine.items():
         rows = _dev_rows(prepared[task], cfg.tasks[task].max_rows["validation"], cfg.seed)
         assert rows["label"] == logged["references"]  # the same rows, in the same order
-        preds = _engine_order_predictions(model, rows, task, cfg.train.num_workers, cfg.train.eval_batch_size,
-                                          tokenizer.pad_token_id)
+        # the batches the two evaluation ranks formed: rank r took rows r, r+2, ...
+        preds = predictor.predict_ids(task, rows, cfg.train.eval_batch_size, world=cfg.train.num_workers)
         assert preds == logged["predictions"], task
         ours = task_metrics(specs[task], preds, rows["label"])
         theirs = task_metrics(specs[task], logged["predictions"], logged["references"])

@@ -25,6 +25,14 @@ def list_array(seqs: list[list[int]], dtype=np.int32) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 
+def encode_texts(tok, texts: list[str], pairs: list[str] | None, max_length: int, summarization: bool) -> dict[str, list]:
+    """The one place text becomes ids (the cache and inference both call it). Summarization documents
+    are wrapped in a prompt later, so they get no special tokens here."""
+    enc = tok([t or "" for t in texts], [p or "" for p in pairs] if pairs is not None else None, truncation=True,
+              max_length=max_length, return_attention_mask=False, add_special_tokens=not summarization)
+    return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
+
+
 @dataclass
 class Tokenizer:
     model: str  # model reference; each Ray worker process loads (and caches) the tokenizer once
@@ -34,11 +42,8 @@ class Tokenizer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         tok = load_tokenizer(self.model)
-        texts = [t or "" for t in batch["text"].to_pylist()]
-        pairs = [t or "" for t in batch["text_pair"].to_pylist()] if self.pair else None
-        # Summarization documents are wrapped in a prompt at training time: no special tokens here.
-        enc = tok(texts, pairs, truncation=True, max_length=self.max_length, return_attention_mask=False,
-                  add_special_tokens=not self.max_target_length)
+        pairs = batch["text_pair"].to_pylist() if self.pair else None
+        enc = encode_texts(tok, batch["text"].to_pylist(), pairs, self.max_length, bool(self.max_target_length))
         ids = enc["input_ids"]
         batch = batch.append_column("input_ids", list_array(ids))
         batch = batch.append_column("num_tokens", pa.array(np.fromiter(map(len, ids), np.int32, len(ids))))

@@ -39,6 +39,7 @@ class TrainResult:
     dev_metrics: dict[str, dict[str, float]]
     wall_seconds: float
     tracking_uri: str
+    task_steps: dict[str, int] = field(default_factory=dict)  # optimizer steps the sampler gave each task
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +87,16 @@ def _dev_rows(task: PreparedTask, limit: int | None, seed: int) -> dict[str, lis
         return {"input_ids": [list(r["input_ids"]) for r in rows], "target": [r["target"] for r in rows]}
     cols = [c for c in ("input_ids", "token_type_ids", "label") if c in rows[0]]
     return {c: [r[c] if c == "label" else list(r[c]) for r in rows] for c in cols}
+
+
+def _task_meta(cfg: Config, spec) -> dict[str, Any]:
+    meta = {"kind": spec.kind, "label_names": spec.label_names, "metrics": spec.metrics,
+            "primary_metric": spec.primary_metric}
+    if spec.kind == "summarization":
+        meta.update(prompt=spec.prompt, max_new_tokens=cfg.max_new_tokens(spec))
+    if spec.kind == "regression":
+        meta["label_range"] = spec.label_range
+    return meta
 
 
 def _start_mlflow(cfg: Config, run_name: str, previous: dict | None, uri: str) -> tuple[Any, str | None]:
@@ -180,7 +191,11 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     dev = {t: ray.put(_dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.seed)) for t, p in prepared.items()}
     heads = [{"task": t, "kind": s.kind, "num_labels": s.num_labels} for t, s in specs.items()]
     meta = {"model": cfg.model.name, "max_length": cfg.model.max_length, "run_name": run_name,
-            "tasks": {t: {"kind": s.kind, "label_names": s.label_names, "metrics": s.metrics} for t, s in specs.items()}}
+            "max_target_length": cfg.model.max_target_length,
+            "tasks": {t: _task_meta(cfg, s) for t, s in specs.items()},
+            # how the dev predictions were made, so a reloaded model can reproduce them exactly
+            "evaluation": {"world": cfg.train.num_workers, "batch_size": cfg.train.eval_batch_size, "seed": cfg.seed,
+                           "max_rows": {t: cfg.tasks[t].max_rows.get("validation") for t in specs}}}
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "tasks": list(prepared), "weights": weights,
@@ -207,6 +222,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
         if key.startswith("dev/") and key.count("/") == 2:
             _, task, metric = key.split("/")
             dev_metrics.setdefault(task, {})[metric] = value
+    task_steps = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("steps/")}
     if client is not None:
         final = Path(run_dir) / "final_model"
         if final.is_dir():
@@ -214,4 +230,4 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
         client.set_tag(run_id, "mtl.best_model", str(Path(run_dir) / "best_model"))
         client.set_terminated(run_id, status="FINISHED")
     return TrainResult(run_name, run_dir, run_id, int(metrics.get("step", 0)), float(metrics.get("best_score", float("nan"))),
-                       dev_metrics, time.monotonic() - start, uri)
+                       dev_metrics, time.monotonic() - start, uri, task_steps=task_steps)

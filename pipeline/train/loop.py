@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from pipeline.eval.predict import batch_plan, predict_batch
 from pipeline.model.multitask import Head, build_model
 from pipeline.model.refs import load_tokenizer
 from pipeline.model.summarize import PromptFormat, Seq2SeqFormat, pad, summary_format
@@ -115,26 +116,11 @@ def evaluate(engine, model, dev: dict[str, dict[str, list]], batch_size: int, pa
     out = {}
     for task, rows in dev.items():
         n = len(rows["input_ids"])
-        mine = list(range(rank, n, world))
-        n_batches = math.ceil(math.ceil(n / world) / batch_size)
-        preds: list[tuple[int, float]] = []
-        for b in range(n_batches):
-            idx = mine[b * batch_size:(b + 1) * batch_size]
-            take = idx or [0]  # a rank with nothing left still joins the collective forward
-            if task in prompts:
-                gen = prompts[task].generation_batch([rows["input_ids"][i] for i in take])
-                new = model.generate(task, **gen, max_new_tokens=max_new_tokens[task], eos_token_id=prompts[task].eos,
-                                     synced_gpus=synced)
-                texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-                preds += list(zip(idx, [t.strip() for t in texts]))
-                continue
-            batch = collate({k: np.array([rows[k][i] for i in take], dtype=object) if k != "label"
-                             else np.array([rows[k][i] for i in take]) for k in rows if k != "target"}, pad_id)
-            batch.pop("labels")
-            with torch.no_grad():
-                logits, _ = engine(task=task, **batch)
-            values = logits.argmax(-1) if model.head_specs[task].kind == "classification" else logits
-            preds += list(zip(idx, values.float().tolist()))
+        preds: list[tuple[int, Any]] = []
+        for idx in batch_plan(n, batch_size, world, rank):
+            values = predict_batch(model, task, rows, idx, pad_id=pad_id, fmt=prompts.get(task), tokenizer=tokenizer,
+                                   max_new_tokens=max_new_tokens.get(task), synced=synced, forward=engine)
+            preds += list(zip(idx, values))
         gathered = [None] * world
         dist.all_gather_object(gathered, preds)
         merged = dict(p for part in gathered for p in part)
@@ -190,8 +176,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     prompts = {t: summary_format(model.kind, tokenizer, specs[t].prompt) for t in tasks
                if specs[t].kind == "summarization"}
-    max_new = {t: min(cfg.model.max_target_length, specs[t].max_target_tokens or cfg.model.max_target_length)
-               for t in prompts}  # the task's declared summary length, never a library default
+    max_new = {t: cfg.max_new_tokens(specs[t]) for t in prompts}  # the task's declared summary length
     synced = train["zero_stage"] == 3 and world > 1
     iters = {t: batches_forever(ray.train.get_dataset_shard(t), train["batch_size"], pad_id, cfg.seed + rank,
                                 prompts.get(t)) for t in tasks}
@@ -226,12 +211,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             losses = {t: float(np.mean(v)) for t, v in window["losses"].items() if v}
             metrics.update({f"loss/{t}": v for t, v in losses.items()})
             metrics["loss/total"] = float(np.mean([weights[t] * v for t, v in losses.items()]))
+            metrics.update({f"steps/{t}": float(c) for t, c in sampler.counts.items()})  # steps drawn so far
             metrics["lr"] = optimizer.param_groups[0]["lr"]
             metrics["tokens_per_s"] = counts[0].item() / seconds
             metrics["samples_per_s"] = counts[1].item() / seconds
             window = new_window()
             if rank == 0:
-                say(f"step {step}/{train['steps']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                say(f"step {step}/{train['steps']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                               if not k.startswith("steps/")))
 
         paused = time.perf_counter()
         if step % train["eval_every"] == 0 or last:
@@ -262,7 +249,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 with open(os.path.join(folder, "meta.json"), "w") as fh:
                     json.dump({"step": step, "run_id": run_id, "best_score": best_score, "sampler": sampler.state_dict()}, fh)
-            report = {"step": step, "best_score": best_score, **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
+            report = {"step": step, "best_score": best_score, **{f"steps/{t}": c for t, c in sampler.counts.items()},
+                      **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step_{step:07d}")
             shutil.rmtree(folder, ignore_errors=True)

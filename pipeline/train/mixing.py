@@ -45,16 +45,20 @@ class TaskSampler:
         self.probs = np.array([ratios[t] for t in self.tasks], dtype=np.float64)
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.draws = 0
+        self.counts = {t: 0 for t in self.tasks}  # steps drawn per task (single-task baselines get as many)
 
     def next(self) -> str:
         self.draws += 1
-        return self.tasks[int(self.rng.choice(len(self.tasks), p=self.probs))]
+        task = self.tasks[int(self.rng.choice(len(self.tasks), p=self.probs))]
+        self.counts[task] += 1
+        return task
 
     def state_dict(self) -> dict:
-        return {"draws": self.draws, "rng": self.rng.bit_generator.state, "tasks": self.tasks}
+        return {"draws": self.draws, "rng": self.rng.bit_generator.state, "tasks": self.tasks, "counts": dict(self.counts)}
 
     def load_state_dict(self, state: dict) -> None:
         if state["tasks"] != self.tasks:
             raise ValueError(f"checkpoint sampler tasks {state['tasks']} differ from the config's {self.tasks}")
         self.draws = state["draws"]
         self.rng.bit_generator.state = state["rng"]
+        self.counts = dict(state["counts"])

@@ -1,0 +1,114 @@
+"""ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python jobs/register.py --run RUN --name NAME
+
+Put a run's model into the MLflow model registry, and move aliases.
+
+    python jobs/register.py --run mtl-default-1a2b3c4d --name mtl-default              # new version, alias challenger
+    python jobs/register.py --run RUN --name mtl-default --alias champion              # straight to champion
+    python jobs/register.py --run RUN --name mtl-default --promote-if-better           # champion if its dev score is higher
+    python jobs/register.py --name mtl-default --promote 3                             # move champion to version 3
+
+Registering logs the run's model folder (`best_model/` by default) as an MLflow pyfunc model of the
+training run — input: a DataFrame of task, text, text_pair; output: label, label_id, score, summary —
+with a signature and an input example, then creates a version tagged with the run's dev metrics.
+Load it anywhere with `mlflow.pyfunc.load_model("models:/NAME@champion")`, or serve it:
+`mlflow models serve -m models:/NAME@champion --env-manager local -h 127.0.0.1 -p 5001`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a working dir without install
+
+from pipeline.errors import PipelineError, exits_on_bad_input  # noqa: E402
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--run", help="run name or run folder whose model to register")
+    p.add_argument("--which", default="best_model", choices=["best_model", "final_model"], help="default: %(default)s")
+    p.add_argument("--alias", default="challenger", help="alias for the new version (default: %(default)s)")
+    p.add_argument("--promote-if-better", action="store_true",
+                   help="also make the new version `champion` when its dev score beats the current champion's")
+    p.add_argument("--promote", metavar="VERSION", help="point an alias (--alias, default champion) at an existing version")
+    p.add_argument("--storage-path", default="~/.cache/mtl-pipeline/runs", help="where run names are looked up")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    return p
+
+
+@exits_on_bad_input
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline.registry import log_pyfunc, promote, register
+    from pipeline.train.tracking import check_reachable, tracking_uri
+
+    uri = tracking_uri(args.tracking_uri)
+    reason = check_reachable(uri)
+    if reason:
+        raise PipelineError.one("--tracking-uri", f"MLflow at {uri} cannot be reached ({reason})",
+                                "start the tracking server or pass the right --tracking-uri")
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+
+    if args.promote:
+        alias = args.alias if args.alias != "challenger" else "champion"
+        try:
+            client.get_model_version(args.name, args.promote)
+        except Exception:
+            raise PipelineError.one("--promote", f"{args.name} has no version {args.promote}",
+                                    "list versions in the MLflow UI or with MlflowClient().search_model_versions()") from None
+        before = promote(client, args.name, args.promote, alias)
+        print(f"{args.name}@{alias}: version {before or '(unset)'} -> {args.promote}")
+        return 0
+    if not args.run:
+        raise PipelineError.one("--run", "is required to register a model", "pass --run RUN, or --promote VERSION")
+
+    run_dir = Path(args.run).expanduser()
+    if not (run_dir / "run.json").is_file():
+        run_dir = Path(args.storage_path).expanduser() / args.run
+    if not (run_dir / "run.json").is_file():
+        raise PipelineError.one("--run", f"no run {args.run!r} (looked for run.json in {args.run} and {run_dir})",
+                                "pass a run folder or a run name under --storage-path")
+    run = json.loads((run_dir / "run.json").read_text())
+    folder = run_dir / args.which
+    if not (folder / "mtl_model.json").is_file():
+        raise PipelineError.one("--which", f"{folder} holds no model yet", "register a finished run, or --which final_model")
+    if not run.get("run_id"):
+        raise PipelineError.one("--run", f"{run_dir.name} was trained without MLflow tracking",
+                                "retrain with tracking, or log the folder yourself with pipeline.registry.log_pyfunc")
+    meta = json.loads((folder / "mtl_model.json").read_text())
+    tags = {"run_name": run["run_name"], "which": args.which, "step": meta.get("step"), "model": meta.get("model")}
+    if "score" in meta:
+        tags["score"] = f"{meta['score']:.6g}"
+    for task, metrics in meta.get("per_task", {}).items():
+        tags.update({f"dev.{task}.{m}": f"{v:.6g}" for m, v in metrics.items()})
+
+    print(f"logging {folder} as a pyfunc model of MLflow run {run['run_id']} ...", flush=True)
+    info = log_pyfunc(run["run_id"], folder)
+    version = register(client, info.model_uri, args.name, alias=args.alias, tags=tags,
+                       description=f"{run['run_name']} {args.which} (step {meta.get('step')})")
+    print(f"registered {args.name} version {version.version} ({info.model_uri}); alias {args.alias}")
+    if args.promote_if_better:
+        try:
+            champion = client.get_model_version_by_alias(args.name, "champion")
+            best = float(champion.tags.get("score", "nan"))
+        except Exception:
+            champion, best = None, float("-inf")
+        mine = float(meta.get("score", "nan"))
+        if mine > best or (champion is not None and best != best):
+            promote(client, args.name, version.version, "champion")
+            print(f"{args.name}@champion -> version {version.version} (dev score {mine:.2f} > {best:.2f})")
+        else:
+            print(f"champion stays at version {champion.version} (dev score {best:.2f} >= {mine:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
