@@ -27,27 +27,6 @@ from pipeline.errors import PipelineError, exits_on_bad_input  # noqa: E402
 READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class ReplicaPredictor:
-    """One model copy per Ray actor; called on pandas batches."""
-
-    def __init__(self, model: str, tracking_uri: str | None, batch_size: int, num_beams: int):
-        from pipeline.eval.predict import Predictor
-        if model.startswith(("models:/", "runs:/")):
-            import mlflow
-
-            from pipeline.registry import load_predictor
-            mlflow.set_tracking_uri(tracking_uri)
-            self.predictor = load_predictor(model)
-        else:
-            self.predictor = Predictor(model)
-        self.params = {"batch_size": batch_size, "num_beams": num_beams}
-
-    def __call__(self, batch):
-        from pipeline.eval.predict import predict_frame
-        preds = predict_frame(self.predictor, batch, self.params)
-        return batch.assign(**{c: preds[c] for c in preds.columns if c != "task"})
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="run name, run folder, model folder, or models:/NAME@ALIAS")
@@ -132,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"use at most {max(1, int(cpus) - 1)}")
     ds, n_files = read_inputs(args.input, args.text_column, args.pair_column, args.task)
     uri = tracking_uri(args.tracking_uri)
+    from pipeline.eval.predict import ReplicaPredictor
     preds = ds.map_batches(ReplicaPredictor, fn_constructor_args=(model, uri, args.batch_size, args.num_beams),
                            batch_format="pandas", batch_size=args.batch_size * 4, concurrency=args.replicas, num_cpus=1)
     out = str(Path(args.out).expanduser().resolve())

@@ -78,11 +78,15 @@ class Predictor:
         self.tasks: dict[str, dict[str, Any]] = {}
         for head in self.meta["heads"]:
             task = dict(self.meta.get("tasks", {}).get(head["task"], {}))
+            # A folder written without task details (by hand, or an old run): a built-in task's own.
+            builtin = BUILTIN.get(head["task"]) if head["task"] in BUILTIN.names() else None
+            if builtin is not None:
+                task.setdefault("label_names", builtin.label_names)
+                task.setdefault("label_range", builtin.label_range)
             if head["kind"] == "summarization" and "max_new_tokens" not in task:
-                builtin = BUILTIN.get(head["task"]) if head["task"] in BUILTIN.names() else None
                 task.setdefault("prompt", builtin.prompt if builtin else None)
-                task["max_new_tokens"] = (builtin.max_target_tokens if builtin and builtin.max_target_tokens
-                                          else int(self.meta.get("max_target_length", 64)))
+                task["max_new_tokens"] = min(int(self.meta.get("max_target_length", 64)),
+                                             builtin.max_target_tokens if builtin and builtin.max_target_tokens else 64)
             self.tasks[head["task"]] = {"kind": head["kind"], **task}
         self.formats = {t: summary_format(self.model.kind, self.tokenizer, s.get("prompt"))
                         for t, s in self.tasks.items() if s["kind"] == "summarization"}
@@ -160,6 +164,27 @@ def predict_frame(predictor: Predictor, frame, params: dict[str, Any] | None = N
         else:
             out.loc[rows.index, "summary"] = preds
     return out[OUTPUT_COLUMNS]
+
+
+class ReplicaPredictor:
+    """One model copy per Ray Data actor (`map_batches(ReplicaPredictor, concurrency=N)`), called on
+    pandas batches of (task, text[, text_pair]); returns the batch with the prediction columns added."""
+
+    def __init__(self, model: str, tracking_uri: str | None = None, batch_size: int = 32, num_beams: int = 1):
+        if model.startswith(("models:/", "runs:/")):
+            import mlflow
+
+            from pipeline.registry import load_predictor
+            if tracking_uri:
+                mlflow.set_tracking_uri(tracking_uri)
+            self.predictor = load_predictor(model)
+        else:
+            self.predictor = Predictor(model)
+        self.params = {"batch_size": batch_size, "num_beams": num_beams}
+
+    def __call__(self, batch):
+        preds = predict_frame(self.predictor, batch, self.params)
+        return batch.assign(**{c: preds[c] for c in preds.columns if c != "task"})
 
 
 def read_meta(folder: str | Path) -> dict:
