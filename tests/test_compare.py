@@ -1,0 +1,78 @@
+"""The comparison's pieces without the long training runs: budget semantics of the single-task
+configs, tuned configs, the table, and a Bi-LSTM baseline row on real data tracked in MLflow with
+its loss plot. (`jobs/compare.py --budget small` itself runs by hand: ~45 min.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.compare import Row, loss_figure, merge_rows, run_bilstm, score, single_task_config, table_markdown, tuned_config
+from pipeline.config import load_config
+
+
+@pytest.fixture
+def cfg(cache_dir):
+    return load_config("jobs/configs/default.yaml", [f"data.cache_dir={cache_dir}", "train.steps=200",
+                                                     "train.warmup_steps=20", "tasks.rotten_tomatoes.weight=3"])
+
+
+def test_single_task_config_gets_the_steps_the_sampler_drew(cfg):
+    one = single_task_config(cfg, "bbc_news", 57)
+    assert list(one.tasks) == ["bbc_news"] and one.tasks["bbc_news"].weight == 1.0
+    assert one.train.steps == 57 and one.train.warmup_steps == round(20 * 57 / 200)
+    assert one.train.eval_every == one.train.checkpoint_every == 57
+    assert one.tasks["bbc_news"].max_rows == cfg.tasks["bbc_news"].max_rows  # the same dev rows
+    assert one.train.batch_size == cfg.train.batch_size and one.name != cfg.name
+    assert single_task_config(cfg, "xsum", 1).train.warmup_steps == 0
+
+
+def test_tuned_config_takes_weights_ratios_and_learning_rate(cfg, tmp_path):
+    best = tmp_path / "best.yaml"
+    best.write_text("name: best\ntasks:\n  rotten_tomatoes: {weight: 0.5, ratio: 0.2}\n  bbc_news: {weight: 2.0, ratio: 0.5}\n"
+                    "  xsum: {weight: 0.5, ratio: 0.3}\nsampling: {strategy: explicit}\ntrain: {lr: 3.0e-4, steps: 200, warmup_steps: 20}\n")
+    tuned = tuned_config(cfg, str(best))
+    assert tuned.tasks["bbc_news"].weight == 2.0 and tuned.tasks["xsum"].ratio == 0.3
+    assert tuned.sampling.strategy == "explicit" and tuned.train.lr == 3e-4
+    assert tuned.tasks["rotten_tomatoes"].max_rows == cfg.tasks["rotten_tomatoes"].max_rows
+    assert tuned.train.steps == cfg.train.steps  # the same budget as the equal-weights run
+
+
+def test_table_compares_rows_only_on_the_same_tasks(cfg):
+    specs = cfg.task_specs()
+    mtl = Row("multi-task", {"rotten_tomatoes": {"accuracy": 0.8, "f1": 0.7}, "bbc_news": {"accuracy": 0.9, "macro_f1": 0.9},
+                             "xsum": {"rouge1": 0.2, "rouge2": 0.05, "rougeL": 0.15}}, 150, 300.0, ["abcdef0123"])
+    lstm = merge_rows("Bi-LSTM", [Row("a", {"rotten_tomatoes": {"accuracy": 0.6}}, 80, 10.0),
+                                  Row("b", {"bbc_news": {"accuracy": 0.5}}, 40, 5.0)])
+    assert lstm.steps == 120 and lstm.wall_seconds == 15.0
+    assert score(mtl.metrics, specs) == pytest.approx(85.0)
+    assert score(mtl.metrics, specs, ("classification", "regression", "summarization")) == pytest.approx((80 + 90 + 20) / 3)
+    assert math.isnan(score({"rotten_tomatoes": {"accuracy": 0.6}}, specs))  # a missing task: no average
+    table = table_markdown([mtl, lstm], specs, ["a note"])
+    lines = table.splitlines()
+    assert lines[0].startswith("| model | rotten_tomatoes accuracy | bbc_news accuracy | xsum R-1 | xsum R-2 | xsum R-L |")
+    assert lines[2].startswith("| multi-task | 80.0 | 90.0 | 20.0 | 5.0 | 15.0 | 85.0 | 63.3 | 150 | 5.0 min | abcdef01 |")
+    assert lines[3].startswith("| Bi-LSTM | 60.0 | 50.0 | n/a | n/a | n/a | 55.0 | n/a | 120 |")
+    assert "- a note" in table
+
+
+def test_bilstm_row_on_real_data_is_tracked_with_a_loss_plot(cfg, tmp_path, ray_session):
+    from mlflow import MlflowClient
+
+    from pipeline.data.preprocess import prepare_tasks
+    from pipeline.train.driver import _dev_rows
+
+    cfg = cfg.model_copy(update={"tasks": {"bbc_news": cfg.tasks["bbc_news"]}})
+    prepared = prepare_tasks(cfg, log=lambda _: None)
+    dev = _dev_rows(prepared["bbc_news"], 228, cfg.seed)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("compare-test")
+    row = run_bilstm(cfg, prepared, "bbc_news", 30, dev, (client, experiment))
+    assert row.steps == 30 and set(row.metrics) == {"bbc_news"}
+    assert 0.0 <= row.metrics["bbc_news"]["accuracy"] <= 1.0 and set(row.metrics["bbc_news"]) == {"accuracy", "macro_f1"}
+    history = client.get_metric_history(row.run_ids[0], "loss/bbc_news")
+    assert [m.step for m in history] == [10, 20, 30]
+    fig = loss_figure(client, row.run_ids[0], "Bi-LSTM bbc_news")
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["bbc_news"]
+    assert len(fig.axes[0].get_lines()[0].get_xdata()) == 3
