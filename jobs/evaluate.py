@@ -7,6 +7,7 @@ tagged with the run it evaluates). One process, no Ray Train; reads the preproce
     python jobs/evaluate.py --model mtl-default-1a2b3c4d                   # a run name: its best_model
     python jobs/evaluate.py --model models:/mtl-default@champion --splits validation,test
     python jobs/evaluate.py --model RUN_DIR/final_model --tasks sst2 --max-rows 200
+    python jobs/evaluate.py --model RUN_DIR/step_0000075                    # a checkpoint (any ZeRO stage)
     python jobs/evaluate.py --model RUN --tasks sst2,mrpc,stsb --splits test --glue-submission glue_out/
 
 By default the evaluation reproduces the run's own dev evaluation (same rows, seed, batch size and
@@ -29,7 +30,7 @@ from pipeline.errors import exits_on_bad_input  # noqa: E402
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help="run name, run folder, model folder, or MLflow URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model)")
+                   help="run name, run folder, checkpoint (RUN/step_N), model folder, or MLflow URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model)")
     p.add_argument("--which", default="best_model", choices=["best_model", "final_model"],
                    help="for a run: which of its models (default: %(default)s)")
     p.add_argument("--tasks", help="comma-separated tasks (default: every task the model predicts)")

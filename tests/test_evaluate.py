@@ -96,3 +96,15 @@ def test_batch_inference_with_ray_data_matches_the_predictor(zero3_run, tmp_path
     assert len(got) == 300 and set(got.columns) >= {"text", "task", "label", "label_id", "score", "summary"}
     expected = Predictor(Path(result.run_dir) / "best_model").predict_text("rotten_tomatoes", texts, batch_size=32)
     assert dict(zip(got["text"], got["label_id"])) == dict(zip(texts, expected))
+
+
+def test_evaluate_a_zero3_checkpoint_directly(zero3_run, tmp_path):
+    """A sharded checkpoint is consolidated on the fly; at the run's last step it scores what the run logged."""
+    import evaluate as job
+
+    _, result, _ = zero3_run
+    assert job.main(["--model", f"{result.run_dir}/step_0000010", "--tasks", "rotten_tomatoes,bbc_news",
+                     "--out", str(tmp_path), "--no-mlflow"]) == 0
+    got = {r["task"]: r["metrics"] for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    for task in ("rotten_tomatoes", "bbc_news"):
+        assert all(abs(got[task][m] - v) <= 1e-6 for m, v in result.dev_metrics[task].items()), task

@@ -59,8 +59,8 @@ def _config_from(raw: dict, where: str) -> Config:
 def open_model(reference: str, *, storage_path: str | None = None, which: str = "best_model",
                config_path: str | None = None, tracking_uri: str | None = None) -> OpenedModel:
     """Resolve `reference`: `models:/name@alias` or `models:/name/version` or `runs:/id/model` (MLflow),
-    a model folder (holds mtl_model.json), a run folder (holds run.json: its `which` model), or a run name
-    under `storage_path`."""
+    a model folder (holds mtl_model.json), a run folder (holds run.json: its `which` model), a checkpoint
+    (`<run>/step_NNNNNNN`, consolidated into a temporary folder), or a run name under `storage_path`."""
     from pipeline.train.tracking import tracking_uri as default_uri
     if reference.startswith(("models:/", "runs:/", "m-")):
         import mlflow
@@ -87,6 +87,14 @@ def open_model(reference: str, *, storage_path: str | None = None, which: str = 
     path = Path(reference).expanduser()
     if not path.exists() and storage_path is not None:
         path = Path(storage_path).expanduser() / reference
+    if (path / "ds").is_dir() and (path.parent / "run.json").is_file():  # a checkpoint: consolidate it first
+        import tempfile
+
+        from pipeline.train.export import consolidate_checkpoint
+        folder = consolidate_checkpoint(path, Path(tempfile.mkdtemp(prefix="mtl-eval-")) / path.name)
+        run = json.loads((path.parent / "run.json").read_text())
+        cfg = load_config(config_path) if config_path else _config_from(run["config"], f"{path.parent}/run.json")
+        return OpenedModel(Predictor(folder), reference, cfg, run.get("run_id"), str(path.parent))
     if (path / "run.json").is_file():
         run = json.loads((path / "run.json").read_text())
         folder = path / which

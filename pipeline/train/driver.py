@@ -89,6 +89,18 @@ def _dev_rows(task: PreparedTask, limit: int | None, seed: int) -> dict[str, lis
     return {c: [r[c] if c == "label" else list(r[c]) for r in rows] for c in cols}
 
 
+def model_metadata(cfg: Config, run_name: str) -> dict[str, Any]:
+    """What every model folder of a run records in `mtl_model.json` besides its weights: how to
+    tokenize, what each task predicts, and how the run's dev predictions were made (so a reloaded
+    model can reproduce them exactly)."""
+    specs = cfg.task_specs()
+    return {"model": cfg.model.name, "max_length": cfg.model.max_length, "run_name": run_name,
+            "max_target_length": cfg.model.max_target_length,
+            "tasks": {t: _task_meta(cfg, s) for t, s in specs.items()},
+            "evaluation": {"world": cfg.train.num_workers, "batch_size": cfg.train.eval_batch_size, "seed": cfg.seed,
+                           "max_rows": {t: cfg.tasks[t].max_rows.get("validation") for t in specs}}}
+
+
 def _task_meta(cfg: Config, spec) -> dict[str, Any]:
     meta = {"kind": spec.kind, "label_names": spec.label_names, "metrics": spec.metrics,
             "primary_metric": spec.primary_metric}
@@ -190,12 +202,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     datasets = {t: train_split(t) for t in prepared}
     dev = {t: ray.put(_dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.seed)) for t, p in prepared.items()}
     heads = [{"task": t, "kind": s.kind, "num_labels": s.num_labels} for t, s in specs.items()]
-    meta = {"model": cfg.model.name, "max_length": cfg.model.max_length, "run_name": run_name,
-            "max_target_length": cfg.model.max_target_length,
-            "tasks": {t: _task_meta(cfg, s) for t, s in specs.items()},
-            # how the dev predictions were made, so a reloaded model can reproduce them exactly
-            "evaluation": {"world": cfg.train.num_workers, "batch_size": cfg.train.eval_batch_size, "seed": cfg.seed,
-                           "max_rows": {t: cfg.tasks[t].max_rows.get("validation") for t in specs}}}
+    meta = model_metadata(cfg, run_name)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": config_to_dict(cfg), "tasks": list(prepared), "weights": weights,

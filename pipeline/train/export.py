@@ -33,6 +33,7 @@ def consolidate_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     from pipeline.config import Config
     from pipeline.model.multitask import Head, build_model
     from pipeline.model.refs import load_tokenizer
+    from pipeline.train.driver import model_metadata
 
     checkpoint = Path(checkpoint).expanduser()
     run_json = checkpoint.parent / "run.json"
@@ -51,5 +52,5 @@ def consolidate_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
                                 f"unexpected {sorted(unexpected)[:5]})", "export with the code version that trained the run")
     meta = json.loads((checkpoint / "meta.json").read_text()) if (checkpoint / "meta.json").is_file() else {}
     return model.save(out, load_tokenizer(cfg.model.name), metadata={
-        "step": meta.get("step"), "run_id": run.get("run_id"), "run_name": run.get("run_name"),
-        "model": cfg.model.name, "exported_from": str(checkpoint)})
+        **model_metadata(cfg, run.get("run_name")), "step": meta.get("step"), "run_id": run.get("run_id"),
+        "exported_from": str(checkpoint)})
