@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from pipeline.model.summarize import pad
+
 KINDS = ("classification", "regression")
 
 
@@ -51,14 +53,7 @@ class BiLSTMAttention(nn.Module):
 
 def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest sequence; an empty sequence becomes one pad token."""
-    seqs = [list(s) or [pad_id] for s in seqs]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids, mask
+    return pad([list(s) or [pad_id] for s in seqs], pad_id)
 
 
 @dataclass
