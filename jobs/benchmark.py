@@ -44,16 +44,19 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict:
 
     from pipeline.model.multitask import Head, build_model
     from pipeline.model.refs import load_tokenizer
-    from pipeline.train.loop import collate, lr_lambda
+    from pipeline.model.summarize import summary_format
+    from pipeline.train.loop import lr_lambda, make_batch
     from pipeline.train.mixing import TaskSampler
 
     torch.set_num_threads(int(cfg.train.num_workers * cfg.train.cpus_per_worker))  # the job's total cores
     torch.manual_seed(cfg.seed)
     specs = cfg.task_specs()
-    pad = load_tokenizer(cfg.model.name).pad_token_id
+    tokenizer = load_tokenizer(cfg.model.name)
+    pad = tokenizer.pad_token_id
     rows = {t: p.dataset("train", limit=cfg.tasks[t].max_rows.get("train"), shuffle_seed=cfg.seed).take_all()
             for t, p in prepared.items()}
     model = build_model(cfg.model.name, [Head(t, s.kind, s.num_labels) for t, s in specs.items()], cfg.train.dropout)
+    prompts = {t: summary_format(model.kind, tokenizer, s.prompt) for t, s in specs.items() if s.kind == "summarization"}
     mult = {t: cfg.tasks[t].head_lr_mult or cfg.train.head_lr_mult for t in specs}
     optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.weight_decay, mult), lr=cfg.train.lr)
     base = [g["lr"] for g in optimizer.param_groups]
@@ -69,8 +72,9 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict:
         task = sampler.next()
         picked = [rows[task][(cursor[task] + i) % len(rows[task])] for i in range(batch)]
         cursor[task] += batch
-        b = collate({k: np.array([r[k] for r in picked], dtype=object if k != "label" else None)
-                     for k in ("input_ids", "token_type_ids", "label") if k in picked[0]}, pad)
+        b = make_batch({k: np.array([r[k] for r in picked], dtype=object if k != "label" else None)
+                        for k in ("input_ids", "token_type_ids", "label", "target_ids") if picked[0].get(k) is not None},
+                       pad, prompts.get(task))
         for g, lr in zip(optimizer.param_groups, base):
             g["lr"] = lr * schedule(step)
         _, loss = model(task, b["input_ids"], b["attention_mask"], b.get("token_type_ids"), labels=b["labels"])

@@ -64,7 +64,7 @@ class PreparedTask:
         self._check_split(split)
         read = None if columns is None else sorted(set(columns) | {"drop_reason", "id"})
         table = pads.dataset(str(self.path / f"split={split}"), format="parquet").to_table(
-            columns=read, filter=pads.field("drop_reason") == "")
+            columns=read, filter=pads.field("drop_reason") == "", use_threads=False)  # see _count
         if shuffle_seed is not None:
             table = _with_order_key(table, shuffle_seed)
             table = table.take(pc.sort_indices(table, [("_order", "ascending")])).drop_columns(["_order"])
@@ -202,7 +202,10 @@ def _count(folder: Path) -> tuple[dict, list]:
 
     data = pads.dataset(str(folder), format="parquet", partitioning="hive")
     table = data.to_table(columns=["split", "drop_reason"])
-    grouped = table.group_by(["split", "drop_reason"]).aggregate([([], "count_all")]).to_pylist()
+    # Single-threaded: Ray Data's Parquet reader resizes Arrow's process-wide CPU pool (to 32) when a read
+    # is planned in this process, after which threaded Acero plans can fail with "thread index N is out
+    # of range". The counts are tiny.
+    grouped = table.group_by(["split", "drop_reason"], use_threads=False).aggregate([([], "count_all")]).to_pylist()
     counts: dict[str, dict] = {}
     for split in SPLITS:  # a stable order for logs and manifests
         rows = [g for g in grouped if g["split"] == split]
