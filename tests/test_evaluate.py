@@ -49,7 +49,7 @@ def test_evaluate_names_a_bad_model_reference(tmp_path, capsys):
     assert "is not a model folder (mtl_model.json), a run folder (run.json)" in capsys.readouterr().err
 
 
-def test_glue_test_predictions_in_submission_format(glue_dir, cache_dir, tmp_path):
+def test_glue_test_predictions_in_submission_format(glue_dir, tmp_path):
     """An (untrained) tiny model with SST-2-style, STS-B and RTE heads: the files have GLUE's names, a
     header, one line per test row in index order, and values of the right type (ints, clipped floats,
     label names for the NLI tasks)."""
@@ -63,7 +63,8 @@ def test_glue_test_predictions_in_submission_format(glue_dir, cache_dir, tmp_pat
     folder = model.save(tmp_path / "model", load_tokenizer("tiny-bert"), metadata={"model": "tiny-bert", "max_length": 128})
     assert AutoTokenizer.from_pretrained(folder / "tokenizer")
     config = tmp_path / "glue.yaml"
-    config.write_text(f"name: g\nmodel: {{name: tiny-bert}}\ndata: {{glue_dir: {glue_dir}, cache_dir: {cache_dir}}}\n"
+    # its own cache: test_preprocess checks that the session cache builds these tasks fresh
+    config.write_text(f"name: g\nmodel: {{name: tiny-bert}}\ndata: {{glue_dir: {glue_dir}, cache_dir: {tmp_path / 'cache'}}}\n"
                       "tasks: {mrpc: {}, stsb: {}, rte: {}}\n")
     out = tmp_path / "glue"
     assert job.main(["--model", str(folder), "--config", str(config), "--splits", "test", "--glue-submission", str(out),
