@@ -161,6 +161,37 @@ class SamplingConfig(Strict):
     """T of the `temperature` strategy."""
 
 
+# Options of each loss-weighting method and their defaults (pipeline/train/weighting.py), with the
+# check each value must pass.
+WEIGHTING_OPTIONS: dict[str, dict[str, float]] = {
+    "static": {},
+    "uncertainty": {"lr": 0.02},
+    "dwa": {"temperature": 2.0, "window": 10},
+    "gradcos": {"beta": 0.9, "eps": 0.05},
+}
+_OPTION_CHECKS = {
+    "lr": (lambda v: v > 0, "use a value > 0"),
+    "temperature": (lambda v: v > 0, "use a value > 0"),
+    "window": (lambda v: v >= 1 and v == int(v), "use a whole number >= 1"),
+    "beta": (lambda v: 0 <= v < 1, "use a value in [0, 1)"),
+    "eps": (lambda v: v > 0, "use a value > 0"),
+}
+
+
+def _weighting_problems(method: str, options: dict[str, float]) -> list[Problem]:
+    allowed = WEIGHTING_OPTIONS[method]
+    problems = []
+    for key, value in options.items():
+        where = f"train.weighting_options.{key}"
+        if key not in allowed:
+            fix = (f"use one of: {', '.join(allowed)}" if allowed else
+                   "remove it (static weighting takes no options), or choose another train.weighting")
+            problems.append(Problem(where, f"unknown option for train.weighting={method}", fix))
+        elif not _OPTION_CHECKS[key][0](value):
+            problems.append(Problem(where, f"{value!r} is out of range", _OPTION_CHECKS[key][1]))
+    return problems
+
+
 class TrainConfig(Strict):
     num_workers: int = Field(2, ge=1)
     """Ray Train workers (one training process each; one GPU each with `use_gpu`)."""
@@ -204,6 +235,17 @@ class TrainConfig(Strict):
     """Steps between checkpoints (also at the last step)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Most recent checkpoints kept; the best model is kept apart as `best_model/`."""
+    weighting: Literal["static", "uncertainty", "dwa", "gradcos"] = "static"
+    """How task loss weights evolve: `static` (the configured weights), `uncertainty` (learned
+    log-variances, Kendall et al. 2018), `dwa` (Dynamic Weight Average, Liu et al. 2019) or `gradcos`
+    (the paper's gradient-cosine adjustment). The configured weights are each method's prior; current
+    weights (summing to the number of tasks) are logged as `weight/<task>`."""
+    weighting_options: dict[str, float] = {}
+    """Options of the weighting method; unset ones take their defaults: uncertainty `lr` (0.02);
+    dwa `temperature` (2.0), `window` (10 steps of a task); gradcos `beta` (0.9), `eps` (0.05)."""
+    shared_params: str | None = None
+    """Parameter-name prefix of the shared group whose gradients `gradcos` compares, ending in a dot
+    (e.g. `backbone.encoder.layer.5.`). Unset: the backbone's last transformer block."""
     max_failures: int = Field(0, ge=-1)
     """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited)."""
     storage_path: str = str(HOME / "runs")
@@ -220,6 +262,7 @@ class TrainConfig(Strict):
         if self.warmup_steps >= self.steps:
             problems.append(Problem("train.warmup_steps", f"{self.warmup_steps} warm-up steps of {self.steps} in total",
                                     "use fewer warm-up steps than train.steps"))
+        problems += _weighting_problems(self.weighting, self.weighting_options)
         if problems:
             raise _Problems(problems)
         return self

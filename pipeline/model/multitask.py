@@ -178,6 +178,32 @@ class MultiTaskModel(nn.Module):
                            "lr": lr * head_lr_mult.get(task, 1.0), "name": f"head/{task}"})
         return [g for g in groups if g["params"]]
 
+    def shared_parameters(self, prefix: str | None = None) -> list[tuple[str, nn.Parameter]]:
+        """The declared shared parameter group, as (name, parameter): every parameter whose name starts
+        with `prefix` (e.g. "backbone.encoder.layer.5."), by default the backbone's last block. Gradient-
+        based loss weighting compares the tasks' gradients on it."""
+        prefix = prefix or self.last_block_prefix()
+        named = [(n, p) for n, p in self.named_parameters() if n.startswith(prefix)]
+        if not named:
+            raise ValueError(f"no parameter name starts with {prefix!r}: use a prefix such as "
+                             f"{self.last_block_prefix()!r} (the backbone's last block)")
+        return named
+
+    def last_block_prefix(self) -> str:
+        """Name prefix of the last transformer block every task runs through: of the encoder for
+        encoders and encoder-decoders, of the decoder stack for causal LMs. Found generically as the
+        last entry of the longest list of same-type modules (BERT `encoder.layer`, Llama `model.layers`,
+        GPT-2 `transformer.h`, T5 `encoder.block`, BART `model.encoder.layers`)."""
+        trunk = self.backbone.get_encoder() if self.kind == "seq2seq" else self.backbone.base_model
+        stacks = [(name, m) for name, m in trunk.named_modules()
+                  if isinstance(m, nn.ModuleList) and len(m) and len({type(block) for block in m}) == 1]
+        if not stacks:
+            raise ValueError(f"no stack of transformer blocks found in {type(trunk).__name__}: "
+                             "declare the shared group with a parameter-name prefix")
+        name, blocks = max(stacks, key=lambda item: len(item[1]))  # the first of the longest
+        trunk_name = next(n for n, m in self.named_modules() if m is trunk)
+        return f"{trunk_name}.{name}.{len(blocks) - 1}."
+
     # -- a folder any plain process can reload ------------------------------------------------------
     def save(self, folder: str | Path, tokenizer, state_dict: dict[str, torch.Tensor] | None = None,
              metadata: dict[str, Any] | None = None) -> Path:

@@ -4,8 +4,10 @@
 
 Every rank draws the same task at every step (same seeded sampler), so collectives line up. Each
 step is one task's batch (task-homogeneous); gradient accumulation accumulates micro-batches of that
-task. Loss = normalised weight of the task × the task's loss, so over many steps the objective is
-Σ_t w_t · p_t · L_t with p_t the sampling ratio. Only rank 0 talks to MLflow.
+task. Loss = weight of the task × the task's loss, so over many steps the objective is
+Σ_t w_t · p_t · L_t with p_t the sampling ratio. The weights are static or move during training
+(`train.weighting`, pipeline/train/weighting.py); the loop feeds them identical numbers on every rank:
+the step's loss averaged over ranks, and the shared group's reduced gradient. Only rank 0 talks to MLflow.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pipeline.model.refs import load_tokenizer
 from pipeline.model.summarize import PromptFormat, Seq2SeqFormat, pad, summary_format
 from pipeline.train.mixing import TaskSampler
 from pipeline.train.tracking import RunLogger
+from pipeline.train.weighting import make_weighting
 
 DS_TAG = "ds"
 
@@ -105,6 +108,19 @@ def deepspeed_config(train: dict[str, Any], world_size: int) -> dict[str, Any]:
     return config
 
 
+def shared_gradient(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The shared group's gradient, reduced over ranks and flattened (fp32). Call it after
+    engine.backward() of the accumulation boundary's micro-batch and before engine.step(), which
+    zeroes gradients: only then are they reduced (ZeRO 1/2 keep them as partitions in between). It is
+    collective at ZeRO 1-3, so every rank calls it for the same parameters in the same order."""
+    from deepspeed.utils import safe_get_full_grad  # param.grad at stage 0, gathered partitions above
+    grads = []
+    for p in params:
+        grad = safe_get_full_grad(p)
+        grads.append(torch.zeros(getattr(p, "ds_numel", p.numel())) if grad is None else grad.detach().float().flatten())
+    return torch.cat(grads)
+
+
 def evaluate(engine, model, dev: dict[str, dict[str, list]], batch_size: int, pad_id: int, rank: int,
              world: int, prompts: dict[str, PromptFormat | Seq2SeqFormat], max_new_tokens: dict[str, int], tokenizer=None,
              synced: bool = False) -> dict[str, tuple[list, list]]:
@@ -150,6 +166,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     # Model and engine. Same seed on every rank; DeepSpeed broadcasts rank 0's weights anyway.
     model = build_model(cfg.model.name, heads, dropout=train["dropout"])
+    # Loss weighting before the (slow) engine start: a bad train.shared_params prefix fails at once.
+    weighting = make_weighting(train["weighting"], tasks, weights, train["weighting_options"])
+    shared = [p for _, p in model.shared_parameters(train["shared_params"])] if weighting.needs_grads else []
     head_mult = {t: (cfg.tasks[t].head_lr_mult or train["head_lr_mult"]) for t in tasks}
     groups = model.param_groups(train["lr"], train["weight_decay"], head_mult)
     schedule = lr_lambda(train["schedule"], train["warmup_steps"], train["steps"])
@@ -167,6 +186,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as folder:
             _, client = engine.load_checkpoint(folder, tag=DS_TAG)
         sampler.load_state_dict(client["sampler"])
+        if "weighting" in client:  # checkpoints from before dynamic weighting were static
+            weighting.load_state_dict(client["weighting"])
         step, best_score = client["step"], client["best_score"]
         run_id = client["run_id"] or run_id  # keep logging into the same MLflow run
         torch.set_rng_state(client["torch_rng"])
@@ -192,15 +213,23 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         task = sampler.next()
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * schedule(step)
-        for _ in range(train["grad_accum"]):
+        step_losses = []
+        for micro in range(train["grad_accum"]):
             batch = next(iters[task])
             _, loss = engine(task=task, **batch)
-            engine.backward(weights[task] * loss)
+            engine.backward(weighting.weighted_loss(task, loss))
+            if weighting.needs_grads and micro == train["grad_accum"] - 1:
+                weighting.observe_grad(task, shared_gradient(shared))
             engine.step()
             window["tokens"] += int(batch["attention_mask"].sum())
             window["samples"] += len(batch["input_ids"])
-            window["losses"][task].append(loss.detach().item())
+            step_losses.append(loss.detach().item())
+        window["losses"][task] += step_losses
         step += 1
+        if weighting.needs_losses:  # the same value on every rank, so every rank computes the same weights
+            mean_loss = torch.tensor([float(np.mean(step_losses))], dtype=torch.float64)
+            dist.all_reduce(mean_loss)
+            weighting.observe_loss(task, mean_loss.item() / world, step)
         last = step == train["steps"]
 
         metrics: dict[str, float] = {}
@@ -210,15 +239,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             seconds = time.perf_counter() - window["start"] - window["paused"]
             losses = {t: float(np.mean(v)) for t, v in window["losses"].items() if v}
             metrics.update({f"loss/{t}": v for t, v in losses.items()})
-            metrics["loss/total"] = float(np.mean([weights[t] * v for t, v in losses.items()]))
+            metrics["loss/total"] = float(np.mean([weighting.weight(t) * v for t, v in losses.items()]))
+            metrics.update({f"weight/{t}": w for t, w in weighting.weights().items()})
             metrics.update({f"steps/{t}": float(c) for t, c in sampler.counts.items()})  # steps drawn so far
             metrics["lr"] = optimizer.param_groups[0]["lr"]
             metrics["tokens_per_s"] = counts[0].item() / seconds
             metrics["samples_per_s"] = counts[1].item() / seconds
             window = new_window()
             if rank == 0:
+                hidden = ("steps/", "weight/") if weighting.method == "static" else ("steps/",)
                 say(f"step {step}/{train['steps']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                               if not k.startswith("steps/")))
+                                                               if not k.startswith(hidden)))
 
         paused = time.perf_counter()
         if step % train["eval_every"] == 0 or last:
@@ -244,7 +275,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if step % train["checkpoint_every"] == 0 or last:
             folder = tempfile.mkdtemp(prefix="mtl-ckpt-")
             client = {"step": step, "sampler": sampler.state_dict(), "best_score": best_score, "run_id": run_id,
-                      "torch_rng": torch.get_rng_state()}
+                      "torch_rng": torch.get_rng_state(), "weighting": weighting.state_dict()}
             engine.save_checkpoint(folder, tag=DS_TAG, client_state=client)
             if rank == 0:
                 with open(os.path.join(folder, "meta.json"), "w") as fh:

@@ -1,0 +1,296 @@
+"""Dynamic task-loss weighting: each method on synthetic losses and gradients, the config checks, the
+shared parameter group, the shared gradient at every ZeRO stage, and real 2-worker runs."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.model.multitask import Head, build_model
+from pipeline.train.weighting import make_weighting
+
+TASKS = ["a", "b", "c"]
+METHODS = ["static", "uncertainty", "dwa", "gradcos"]
+
+
+def _drive(weighting, steps: int, seed: int = 0, dim: int = 8) -> None:
+    """Feed a weighting random losses and gradients, one task per step, as the loop does."""
+    rng = np.random.default_rng(seed)
+    tasks = list(weighting.weights())
+    for step in range(1, steps + 1):
+        task = tasks[rng.integers(len(tasks))]
+        if weighting.needs_grads:
+            weighting.observe_grad(task, weighting.weight(task) * torch.as_tensor(rng.normal(size=dim), dtype=torch.float32))
+        weighting.observe_loss(task, float(rng.uniform(0.1, 3.0)), step)
+
+
+def test_static_is_the_configured_weights_bit_for_bit():
+    weights = {"a": 0.3, "b": 1.2, "c": 1.5}  # already normalised, as the driver passes them
+    w = make_weighting("static", TASKS, weights)
+    loss = torch.tensor(0.7310585975646973, requires_grad=True)
+    for t in TASKS:
+        assert torch.equal(w.weighted_loss(t, loss), weights[t] * loss)
+    _drive(w, 50)
+    assert w.weights() == weights and not w.needs_grads and not w.needs_losses
+    assert make_weighting("static", ["a", "b"], {"a": 1, "b": 3}).weights() == {"a": 0.5, "b": 1.5}
+
+
+def test_uncertainty_gives_the_larger_noisier_loss_the_smaller_weight():
+    w = make_weighting("uncertainty", ["noisy", "clean"], {"noisy": 1.0, "clean": 1.0}, {"lr": 0.05})
+    assert w.weights() == {"noisy": 1.0, "clean": 1.0}  # s = 0: the static weights
+    rng = np.random.default_rng(0)
+    for step in range(1, 401):
+        w.observe_loss("noisy", float(3.0 + rng.normal(0, 1.0)), step)
+        w.observe_loss("clean", float(0.3 + rng.normal(0, 0.03)), step)
+    weights = w.weights()
+    assert weights["noisy"] < 0.5 < 1.5 < weights["clean"], weights
+    assert sum(weights.values()) == pytest.approx(2.0)
+    # Kendall's optimum: s_t -> log L_t. The loss the model sees is w0·(exp(-s)·L + s): its gradient
+    # with respect to L is exp(-s), the unnormalised weight.
+    s = w.module.log_vars.detach()
+    assert s[0].item() == pytest.approx(math.log(3.0), abs=0.3) and s[1].item() == pytest.approx(math.log(0.3), abs=0.3)
+    loss = torch.tensor(2.0, requires_grad=True)
+    w.weighted_loss("noisy", loss).backward()
+    assert loss.grad.item() == pytest.approx(math.exp(-s[0].item()))
+
+
+def test_dwa_gives_the_slower_falling_loss_the_larger_weight():
+    w = make_weighting("dwa", ["fast", "slow"], {"fast": 1, "slow": 1}, {"window": 5, "temperature": 0.5})
+    step = 0
+    for k in range(4):  # four windows per task: "fast" halves every window, "slow" drops 5%
+        for _ in range(5):
+            step += 1
+            w.observe_loss("fast", 2.0 * 0.5 ** k, step)
+            w.observe_loss("slow", 2.0 * 0.95 ** k, step)
+        if k == 0:
+            assert w.weights() == {"fast": 1.0, "slow": 1.0}  # r = 1 until a task has two windows
+    weights = w.weights()
+    ratio = {"fast": 0.5, "slow": 0.95}  # r_t = L(k-1) / L(k-2)
+    expected = {t: 2 * math.exp(r / 0.5) / sum(math.exp(v / 0.5) for v in ratio.values()) for t, r in ratio.items()}
+    assert weights == pytest.approx(expected) and weights["slow"] > 1.0 > weights["fast"]
+
+
+def test_gradcos_weighs_a_conflicting_task_down_and_keeps_the_prior_for_aligned_ones():
+    rng = np.random.default_rng(0)
+    w = make_weighting("gradcos", TASKS, {"a": 1, "b": 1, "c": 1})
+    direction = torch.tensor([1.0, 0.5, 0.0, 0.0])
+    for step in range(30):
+        for task, sign in (("a", 1.0), ("b", 1.0), ("c", -1.0)):
+            grad = sign * direction + 0.1 * torch.as_tensor(rng.normal(size=4), dtype=torch.float32)
+            w.observe_grad(task, w.weight(task) * grad)  # the loop passes the gradient of the weighted loss
+            if step == 0 and task != "c":
+                assert w.weights() == {"a": 1.0, "b": 1.0, "c": 1.0}  # static until every task was seen
+    weights = w.weights()
+    assert weights["c"] < 0.2 < 1.3 < min(weights["a"], weights["b"]), weights
+    assert sum(weights.values()) == pytest.approx(3.0)
+
+    # All tasks aligned: 1 + cos ≈ 2 for each, so the static weights (the prior) come through.
+    w = make_weighting("gradcos", ["a", "b"], {"a": 3, "b": 1})
+    for _ in range(5):
+        for task in ("a", "b"):
+            w.observe_grad(task, w.weight(task) * (direction + 0.01 * torch.as_tensor(rng.normal(size=4), dtype=torch.float32)))
+    assert w.weights() == pytest.approx({"a": 1.5, "b": 0.5}, abs=1e-3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_weights_always_sum_to_the_number_of_tasks(method):
+    w = make_weighting(method, TASKS, {"a": 0.5, "b": 2.0, "c": 1.0})
+    rng = np.random.default_rng(1)
+    for step in range(1, 120):
+        task = TASKS[rng.integers(3)]
+        if w.needs_grads:
+            w.observe_grad(task, torch.as_tensor(rng.normal(size=6), dtype=torch.float32))
+        w.observe_loss(task, float(rng.uniform(0.01, 5.0)), step)
+        weights = w.weights()
+        assert sum(weights.values()) == pytest.approx(3.0) and all(v >= 0 for v in weights.values())
+        assert weights == {t: w.weight(t) for t in TASKS}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_dict_round_trip_continues_exactly(method):
+    options = {"dwa": {"window": 3}}.get(method, {})
+    first = make_weighting(method, TASKS, {"a": 1, "b": 1, "c": 2}, options)
+    _drive(first, 40, seed=2)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)  # as DeepSpeed stores the loop's client state
+    buffer.seek(0)
+    second = make_weighting(method, TASKS, {"a": 1, "b": 1, "c": 2}, options)
+    second.load_state_dict(torch.load(buffer, weights_only=False))
+    assert second.weights() == first.weights()
+    _drive(first, 40, seed=3)
+    _drive(second, 40, seed=3)
+    assert second.weights() == first.weights()
+    if method != "static":
+        assert first.weights() != {"a": 0.75, "b": 0.75, "c": 1.5}  # the weights did move
+    with pytest.raises(ValueError, match="differs from the config"):
+        make_weighting("dwa" if method != "dwa" else "static", TASKS, {t: 1 for t in TASKS}).load_state_dict(first.state_dict())
+
+
+def test_unknown_methods_and_options_are_refused():
+    with pytest.raises(ValueError, match="unknown weighting method 'softmax'"):
+        make_weighting("softmax", TASKS, {t: 1 for t in TASKS})
+    with pytest.raises(ValueError, match=r"unknown options \['lr'\] for weighting 'dwa'; allowed: temperature, window"):
+        make_weighting("dwa", TASKS, {t: 1 for t in TASKS}, {"lr": 0.1})
+
+
+def _problems(*overrides) -> list[str]:
+    with pytest.raises(PipelineError) as info:
+        load_config(None, ["tasks={sst2: {}, mrpc: {}}", *overrides])
+    return [str(p) for p in info.value.problems]
+
+
+def test_config_selects_and_validates_the_weighting():
+    cfg = load_config(None, ["tasks={sst2: {}, mrpc: {}}", "train.weighting=dwa", "train.weighting_options={window: 4}",
+                             "train.shared_params=backbone.encoder.layer.0."])
+    assert cfg.train.weighting == "dwa" and cfg.train.weighting_options == {"window": 4.0}
+    assert cfg.train.shared_params == "backbone.encoder.layer.0."
+    assert load_config(None, ["tasks={sst2: {}}"]).train.weighting == "static"
+
+    (line,) = _problems("train.weighting=softmax")
+    assert line.startswith("train.weighting: Input should be 'static', 'uncertainty', 'dwa' or 'gradcos'"), line
+    (line,) = _problems("train.weighting=dwa", "train.weighting_options={temperature: 1, lr: 0.1}")
+    assert line == "train.weighting_options.lr: unknown option for train.weighting=dwa — use one of: temperature, window"
+    (line,) = _problems("train.weighting_options={beta: 0.5}")
+    assert line.startswith("train.weighting_options.beta: unknown option for train.weighting=static — remove it")
+    lines = _problems("train.weighting=gradcos", "train.weighting_options={beta: 1.0, eps: 0}")
+    assert lines == ["train.weighting_options.beta: 1.0 is out of range — use a value in [0, 1)",
+                     "train.weighting_options.eps: 0.0 is out of range — use a value > 0"]
+    (line,) = _problems("train.weighting=dwa", "train.weighting_options={window: 2.5}")
+    assert line == "train.weighting_options.window: 2.5 is out of range — use a whole number >= 1"
+
+
+@pytest.mark.parametrize("name, prefix", [("tiny-bert", "backbone.encoder.layer.1."),
+                                          ("tiny-llama", "backbone.model.layers.1."),
+                                          ("tiny-gpt2", "backbone.transformer.h.1."),
+                                          ("tiny-t5", "backbone.encoder.block.1."),
+                                          ("tiny-bart", "backbone.model.encoder.layers.1.")])
+def test_shared_parameters_default_to_the_backbones_last_block(name, prefix):
+    model = build_model(name, [Head("cls", "classification", 2), Head("xsum", "summarization", 0)])
+    shared = model.shared_parameters()
+    assert model.last_block_prefix() == prefix and shared and all(n.startswith(prefix) for n, _ in shared)
+    assert {n for n, _ in shared} == {n for n, _ in model.named_parameters() if n.startswith(prefix)}
+    # The group gets gradient from a classification task.
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    _, loss = model("cls", ids, torch.ones_like(ids), labels=torch.tensor([1]))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in shared)
+
+
+def test_shared_parameters_by_prefix():
+    model = build_model("tiny-bert", [Head("cls", "classification", 2)])
+    names = [n for n, _ in model.shared_parameters("backbone.encoder.layer.0.attention.")]
+    assert names and all(n.startswith("backbone.encoder.layer.0.attention.") for n in names)
+    with pytest.raises(ValueError, match=r"no parameter name starts with 'backbone.nope.'.*'backbone.encoder.layer.1.'"):
+        model.shared_parameters("backbone.nope.")
+
+
+# ------------------------------------------------------------------------------- real Ray + DeepSpeed
+
+
+def test_shared_gradient_is_the_rank_averaged_gradient_at_every_zero_stage(ray_session):
+    """`shared_gradient` after backward (two accumulated micro-batches, different data per rank) equals
+    the plain-PyTorch gradient averaged over ranks, identically on every rank, at ZeRO 0, 1, 2 and 3
+    in fp32 (and close to it in bf16, whose gradients DeepSpeed accumulates apart)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def worker(config):
+        import deepspeed
+        import ray.train
+        import torch
+        import torch.distributed as dist
+
+        from pipeline.model.multitask import Head, build_model
+        from pipeline.train.loop import deepspeed_config, shared_gradient
+
+        rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+        heads = [Head("cls", "classification", 2)]
+        gen = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+        batches = [{"input_ids": torch.randint(1000, 2000, (4, 6), generator=gen), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+                    "labels": torch.randint(0, 2, (4,), generator=gen).float()} for _ in range(2)]
+
+        torch.manual_seed(0)
+        reference = build_model("tiny-bert", heads).eval()  # eval: no dropout, so both sides compute the same
+        for batch in batches:
+            _, loss = reference("cls", **batch)
+            (loss / len(batches)).backward()
+        expected = torch.cat([p.grad.flatten() for _, p in reference.shared_parameters()])
+        dist.all_reduce(expected)
+        expected /= world
+
+        train = {"zero_stage": 0, "batch_size": 4, "grad_accum": 2, "offload_optimizer": False, "precision": "fp32",
+                 "clip_grad": 1.0, "lr": 1e-3, "weight_decay": 0.0}
+        for stage, precision in [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"), (2, "bf16")]:
+            torch.manual_seed(0)
+            model = build_model("tiny-bert", heads)
+            shared = [p for _, p in model.shared_parameters()]
+            engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                              config=deepspeed_config({**train, "zero_stage": stage, "precision": precision}, world))
+            engine.eval()
+            for micro, batch in enumerate(batches):
+                _, loss = engine(task="cls", **batch)
+                engine.backward(loss)
+                if micro == len(batches) - 1:
+                    grad = shared_gradient(shared)
+                engine.step()
+            everyone = [torch.zeros_like(grad) for _ in range(world)]
+            dist.all_gather(everyone, grad)
+            assert all(torch.equal(g, grad) for g in everyone), f"stage {stage} {precision}: ranks disagree"
+            if precision == "fp32":
+                assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-7), \
+                    f"stage {stage}: max difference {(grad - expected).abs().max().item()}"
+            else:
+                cosine = torch.nn.functional.cosine_similarity(grad, expected, dim=0).item()
+                assert cosine > 0.99 and (grad.norm() / expected.norm()).item() == pytest.approx(1.0, abs=0.05), \
+                    f"stage {stage} bf16: cosine {cosine}, norms {grad.norm().item()} vs {expected.norm().item()}"
+
+    TorchTrainer(worker, scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5})).fit()
+
+
+TINY = "{rotten_tomatoes: {max_rows: {train: 128, validation: 32}}, bbc_news: {max_rows: {train: 128, validation: 32}}}"
+
+
+def _run(tmp_path, cache_dir, *extra, steps: int = 20, resume: bool = False) -> dict[str, dict[int, float]]:
+    """A short real run (2 workers, DeepSpeed, MLflow); checks the logged weights, returns their history."""
+    from pipeline.train.driver import train_driver
+
+    cfg = load_config(None, [
+        "name=w", "model.name=tiny-bert", f"tasks={TINY}", "train.num_workers=2", "train.cpus_per_worker=0.5",
+        f"train.steps={steps}", "train.batch_size=16", "train.lr=2e-3", "train.log_every=2", "train.eval_every=10",
+        "train.checkpoint_every=10", f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"data.cache_dir={cache_dir}", *extra])
+    result = train_driver(cfg, resume=resume, log=lambda _: None)
+    assert result.steps == steps
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(cfg.tracking.uri)
+    history = {t: {m.step: m.value for m in client.get_metric_history(result.run_id, f"weight/{t}")}
+               for t in ("rotten_tomatoes", "bbc_news")}
+    logged = sorted(history["rotten_tomatoes"])
+    assert logged == list(range(2, steps + 1, 2)) and sorted(history["bbc_news"]) == logged
+    for step in logged:  # weights sum to T = 2 at every logged step
+        assert history["rotten_tomatoes"][step] + history["bbc_news"][step] == pytest.approx(2.0)
+    assert any(v != pytest.approx(1.0, abs=1e-4) for v in history["bbc_news"].values()), history
+    return history
+
+
+def test_gradcos_at_zero3_logs_moving_weights(tmp_path, cache_dir, ray_session):
+    _run(tmp_path, cache_dir, "train.zero_stage=3", "train.weighting=gradcos")
+
+
+def test_uncertainty_at_zero2_weighs_the_larger_loss_down_and_resumes(tmp_path, cache_dir, ray_session):
+    options = ("train.zero_stage=2", "train.weighting=uncertainty", "train.weighting_options={lr: 0.1}")
+    first = _run(tmp_path, cache_dir, *options, steps=10)
+    # bbc_news (5 classes, loss ≈ 1.6) stays above rotten_tomatoes (2 classes, ≈ 0.69): smaller weight.
+    assert first["bbc_news"][10] < 0.8 < 1.2 < first["rotten_tomatoes"][10], first
+    # Resumed from the step-10 checkpoint, the log-variances continue where they were (a fresh start
+    # would put both weights back near 1.0).
+    again = _run(tmp_path, cache_dir, *options, steps=20, resume=True)
+    assert again["bbc_news"][12] == pytest.approx(first["bbc_news"][10], abs=0.1), (first, again)
+    assert again["bbc_news"][20] < 1.0 < again["rotten_tomatoes"][20], again
