@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline.registry import log_pyfunc, promote, register
+    from pipeline.registry import promote, register_run_model
     from pipeline.train.tracking import check_reachable, tracking_uri
 
     uri = tracking_uri(args.tracking_uri)
@@ -84,16 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         raise PipelineError.one("--run", f"{run_dir.name} was trained without MLflow tracking",
                                 "retrain with tracking, or log the folder yourself with pipeline.registry.log_pyfunc")
     meta = json.loads((folder / "mtl_model.json").read_text())
-    tags = {"run_name": run["run_name"], "which": args.which, "step": meta.get("step"), "model": meta.get("model")}
-    if "score" in meta:
-        tags["score"] = f"{meta['score']:.6g}"
-    for task, metrics in meta.get("per_task", {}).items():
-        tags.update({f"dev.{task}.{m}": f"{v:.6g}" for m, v in metrics.items()})
 
     print(f"logging {folder} as a pyfunc model of MLflow run {run['run_id']} ...", flush=True)
-    info = log_pyfunc(run["run_id"], folder)
-    version = register(client, info.model_uri, args.name, alias=args.alias, tags=tags,
-                       description=f"{run['run_name']} {args.which} (step {meta.get('step')})")
+    info, version = register_run_model(client, run_dir, args.name, which=args.which, alias=args.alias)
     print(f"registered {args.name} version {version.version} ({info.model_uri}); alias {args.alias}")
     if args.promote_if_better:
         try:

@@ -53,7 +53,7 @@ def tuned_config(cfg: Config, tuned_path: str) -> Config:
         if task in raw["tasks"]:
             raw["tasks"][task].update(weight=tcfg.weight, ratio=tcfg.ratio)
     raw["sampling"] = tuned.sampling.model_dump()
-    for key in ("lr", "head_lr_mult", "warmup_steps", "weight_decay"):
+    for key in ("lr", "head_lr_mult", "warmup_steps", "weight_decay", "weighting", "weighting_options", "shared_params"):
         raw["train"][key] = getattr(tuned.train, key)
     return Config.model_validate(raw)
 

@@ -216,7 +216,7 @@ class TrainConfig(Strict):
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     """Decay after warm-up, to 0 at `steps`."""
     clip_grad: float = Field(1.0, ge=0)
-    """Gradient-norm clipping (0 turns it off)."""
+    """Gradient-norm clipping of each step's task gradient, before its loss weight applies (0 turns it off)."""
     dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout before each task head."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -354,21 +354,41 @@ class Config(Strict):
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply `a.b.c=value` overrides (values parsed as YAML), validate strictly."""
     problems: list[Problem] = []
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise PipelineError.one(str(path), "config file not found", "pass an existing YAML file (see jobs/configs/)")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise PipelineError.one(where, f"not valid YAML ({getattr(err, 'problem', err)})",
-                                    "fix the YAML syntax at that line") from None
-        if not isinstance(raw, dict):
-            raise PipelineError.one(str(path), f"top level is a {type(raw).__name__}, not a mapping",
-                                    "write the config as `key: value` pairs")
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    apply_overrides(raw, overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        problems = _problems_from(err)
+    # Unknown task names are checked by a validator that only runs once `tasks` parses; report them
+    # together with any other problem, so one run shows everything.
+    if isinstance(raw.get("tasks"), dict):
+        problems += [BUILTIN.unknown(n, f"tasks.{n}") for n, t in raw["tasks"].items()
+                     if n not in BUILTIN and not (isinstance(t, dict) and "define" in t)]
+    raise PipelineError(list(dict.fromkeys(problems)))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping read with `safe_load`; a missing file or bad syntax is a PipelineError naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError.one(str(path), "config file not found", "pass an existing YAML file (see jobs/configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise PipelineError.one(where, f"not valid YAML ({getattr(err, 'problem', err)})",
+                                "fix the YAML syntax at that line") from None
+    if not isinstance(raw, dict):
+        raise PipelineError.one(str(path), f"top level is a {type(raw).__name__}, not a mapping",
+                                "write the config as `key: value` pairs")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a raw config dict, in place."""
+    problems: list[Problem] = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
@@ -382,16 +402,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         _set_dotted(raw, key.split("."), parsed, problems, item)
     if problems:
         raise PipelineError(problems)
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        problems = _problems_from(err)
-    # Unknown task names are checked by a validator that only runs once `tasks` parses; report them
-    # together with any other problem, so one run shows everything.
-    if isinstance(raw.get("tasks"), dict):
-        problems += [BUILTIN.unknown(n, f"tasks.{n}") for n, t in raw["tasks"].items()
-                     if n not in BUILTIN and not (isinstance(t, dict) and "define" in t)]
-    raise PipelineError(list(dict.fromkeys(problems)))
+    return raw
 
 
 def _set_dotted(raw: dict, keys: list[str], value: Any, problems: list[Problem], item: str) -> None:
@@ -422,7 +433,7 @@ _FIXES = {
 }
 
 
-def _problems_from(err: ValidationError) -> list[Problem]:
+def _problems_from(err: ValidationError, root: type[BaseModel] | None = None) -> list[Problem]:
     problems: list[Problem] = []
     for e in err.errors(include_url=False):
         cause = (e.get("ctx") or {}).get("error")
@@ -432,7 +443,7 @@ def _problems_from(err: ValidationError) -> list[Problem]:
         loc = [str(p) for p in e["loc"] if not str(p).startswith("function-")]
         key = ".".join(loc) or "<config>"
         if e["type"] == "extra_forbidden":
-            allowed = _allowed_keys(Config, loc[:-1])
+            allowed = _allowed_keys(root or Config, loc[:-1])
             close = difflib.get_close_matches(loc[-1], allowed, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             problems.append(Problem(key, "unknown key", f"{hint}remove it; allowed here: {', '.join(allowed)}"))
@@ -440,6 +451,8 @@ def _problems_from(err: ValidationError) -> list[Problem]:
         ctx = {k: v for k, v in (e.get("ctx") or {}).items()}
         fix = _FIXES.get(e["type"], "see the config reference in README.md").format(**ctx)
         msg = e["msg"].removeprefix("Value error, ")
+        if " — " in msg:  # a validator's own "what — fix"
+            msg, fix = msg.split(" — ", 1)
         what = msg if e["type"] == "missing" else f"{msg} (got {e.get('input')!r})"
         problems.append(Problem(key, what, fix))
     return problems

@@ -80,6 +80,32 @@ def register(client, model_uri: str, name: str, *, alias: str | None = None, tag
     return version
 
 
+def model_tags(run: dict[str, Any], which: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """Version tags of a run's model folder: where it came from and its dev metrics."""
+    tags = {"run_name": run["run_name"], "which": which, "step": meta.get("step"), "model": meta.get("model")}
+    if "score" in meta:
+        tags["score"] = f"{meta['score']:.6g}"
+    for task, metrics in meta.get("per_task", {}).items():
+        tags.update({f"dev.{task}.{m}": f"{v:.6g}" for m, v in metrics.items()})
+    return tags
+
+
+def register_run_model(client, run_dir: str | Path, name: str, *, which: str = "best_model",
+                       alias: str | None = "challenger", extra_tags: dict[str, Any] | None = None):
+    """Log `<run_dir>/<which>` as a pyfunc model of the run's MLflow run and register it as a new
+    version of `name` (tagged with the run's dev metrics); returns (model info, version)."""
+    import json
+
+    run_dir = Path(run_dir)
+    run = json.loads((run_dir / "run.json").read_text())
+    folder = run_dir / which
+    meta = json.loads((folder / "mtl_model.json").read_text())
+    info = log_pyfunc(run["run_id"], folder)
+    version = register(client, info.model_uri, name, alias=alias, tags={**model_tags(run, which, meta), **(extra_tags or {})},
+                       description=f"{run['run_name']} {which} (step {meta.get('step')})")
+    return info, version
+
+
 def promote(client, name: str, version: str | int, alias: str = "champion") -> str | None:
     """Point `alias` at `version`; returns the version it pointed at before (None if it was unset)."""
     from mlflow.exceptions import MlflowException

@@ -20,11 +20,12 @@ def glue_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Ray, started once for the whole session (2 CPUs, no dashboard)."""
+    """Ray, started once for the whole session (2 CPUs). The dashboard (on 127.0.0.1) serves the State
+    API, which Ray Train's placement-group cleaner needs to free a killed driver's worker groups."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False

@@ -284,8 +284,12 @@ def test_gradcos_at_zero3_logs_moving_weights(tmp_path, cache_dir, ray_session):
     _run(tmp_path, cache_dir, "train.zero_stage=3", "train.weighting=gradcos")
 
 
-def test_uncertainty_at_zero2_weighs_the_larger_loss_down_and_resumes(tmp_path, cache_dir, ray_session):
-    options = ("train.zero_stage=2", "train.weighting=uncertainty", "train.weighting_options={lr: 0.1}")
+def test_dwa_at_zero3_logs_moving_weights(tmp_path, cache_dir, ray_session):
+    _run(tmp_path, cache_dir, "train.zero_stage=3", "train.weighting=dwa", "train.weighting_options={window: 2}", steps=16)
+
+
+def test_uncertainty_at_zero3_weighs_the_larger_loss_down_and_resumes(tmp_path, cache_dir, ray_session):
+    options = ("train.zero_stage=3", "train.weighting=uncertainty", "train.weighting_options={lr: 0.1}")
     first = _run(tmp_path, cache_dir, *options, steps=10)
     # bbc_news (5 classes, loss ≈ 1.6) stays above rotten_tomatoes (2 classes, ≈ 0.69): smaller weight.
     assert first["bbc_news"][10] < 0.8 < 1.2 < first["rotten_tomatoes"][10], first
@@ -294,3 +298,72 @@ def test_uncertainty_at_zero2_weighs_the_larger_loss_down_and_resumes(tmp_path, 
     again = _run(tmp_path, cache_dir, *options, steps=20, resume=True)
     assert again["bbc_news"][12] == pytest.approx(first["bbc_news"][10], abs=0.1), (first, again)
     assert again["bbc_news"][20] < 1.0 < again["rotten_tomatoes"][20], again
+
+
+def test_clipping_acts_on_the_task_gradient_so_weights_are_not_cancelled(ray_session):
+    """A step trains one task, and DeepSpeed clips the gradient of the weighted loss. The loop scales
+    the threshold with the step's weight (`set_clip`), so each step's update is w · clip(g, c): at
+    ZeRO 0, 2 and 3 the engine matches plain PyTorch doing exactly that, and a step weighted 0.25
+    moves the model differently from one weighted 1 (with a fixed threshold both would be clipped to
+    the same update, since the tiny threshold is far below either gradient norm). SGD keeps the check
+    exact. All parameters are compared, heads included: at ZeRO-3 the head of the task not trained in
+    step 2 must not move (without `clear_stale_grads` it is updated again with its step-1 gradient)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def worker(config):
+        import deepspeed
+        import torch
+
+        from pipeline.model.multitask import Head, build_model
+        from pipeline.train.loop import clear_stale_grads, deepspeed_config, set_clip
+
+        heads = [Head("a", "classification", 2), Head("b", "classification", 3)]
+        gen = torch.Generator().manual_seed(7)
+        batches = [("a", 1.0, {"input_ids": torch.randint(1000, 2000, (4, 6), generator=gen),
+                               "attention_mask": torch.ones(4, 6, dtype=torch.long), "labels": torch.tensor([0., 1., 0., 1.])}),
+                   ("b", None, {"input_ids": torch.randint(1000, 2000, (4, 6), generator=gen),
+                                "attention_mask": torch.ones(4, 6, dtype=torch.long), "labels": torch.tensor([0., 1., 2., 1.])})]
+        clip = 0.01
+        train = {"batch_size": 4, "grad_accum": 1, "offload_optimizer": False, "precision": "fp32", "clip_grad": clip,
+                 "lr": 1e-3, "weight_decay": 0.0}
+
+        def plain(w_b):
+            torch.manual_seed(0)
+            model = build_model("tiny-bert", heads).eval()
+            opt = torch.optim.SGD(model.parameters(), lr=1.0)
+            for task, w, batch in batches:
+                w = w_b if w is None else w
+                opt.zero_grad()
+                _, loss = model(task, **batch)
+                (w * loss).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip * w)
+                opt.step()
+            return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+        def engine_run(stage, w_b):
+            torch.manual_seed(0)
+            model = build_model("tiny-bert", heads)
+            engine, optimizer, *_ = deepspeed.initialize(
+                model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                config={**deepspeed_config({**train, "zero_stage": stage}, 1), "zero_allow_untested_optimizer": True})
+            engine.eval()
+            for task, w, batch in batches:
+                w = w_b if w is None else w
+                set_clip(engine, optimizer, clip * w)
+                _, loss = engine(task=task, **batch)
+                engine.backward(w * loss)
+                engine.step()
+                if stage == 3:
+                    clear_stale_grads(optimizer)
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
+                return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+        for stage in (0, 2, 3):
+            full, quarter = engine_run(stage, 1.0), engine_run(stage, 0.25)
+            d1 = (full - plain(1.0)).abs().max().item()
+            assert d1 < 1e-6, f"stage {stage}: w=1 differs from plain PyTorch by {d1}"
+            assert torch.allclose(quarter, plain(0.25), atol=1e-6), f"stage {stage}: w=0.25 differs from plain PyTorch"
+            assert (full - quarter).abs().max().item() > 1e-5, f"stage {stage}: the weight had no effect"
+
+    TorchTrainer(worker, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5})).fit()

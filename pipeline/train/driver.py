@@ -60,9 +60,13 @@ def check_resources(cfg: Config) -> None:
         raise PipelineError(problems)
 
 
-def _run_dir(cfg: Config, resume: bool | str) -> tuple[str, str, dict | None]:
+def _run_dir(cfg: Config, resume: bool | str, run_name: str | None = None) -> tuple[str, str, dict | None]:
     """(run name, run dir, run.json of the run being resumed)."""
     storage = Path(cfg.train.storage_path).expanduser()
+    if run_name is not None:  # a caller-chosen name (a Tune trial): resumed when it exists
+        folder = storage / run_name
+        previous = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else None
+        return run_name, str(folder), previous
     if not resume:
         name = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
         return name, str(storage / name), None
@@ -111,7 +115,8 @@ def _task_meta(cfg: Config, spec) -> dict[str, Any]:
     return meta
 
 
-def _start_mlflow(cfg: Config, run_name: str, previous: dict | None, uri: str) -> tuple[Any, str | None]:
+def _start_mlflow(cfg: Config, run_name: str, previous: dict | None, uri: str,
+                  parent_run_id: str | None = None) -> tuple[Any, str | None]:
     reason = check_reachable(uri)
     if reason:
         if cfg.tracking.required:
@@ -127,7 +132,10 @@ def _start_mlflow(cfg: Config, run_name: str, previous: dict | None, uri: str) -
     experiment = cfg.tracking.experiment or cfg.name
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=run_name, tags={"mtl.run_name": run_name})
+    tags = {"mtl.run_name": run_name}
+    if parent_run_id:  # a Tune trial: nested under the experiment's parent run
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     return client, run.info.run_id
 
 
@@ -161,7 +169,11 @@ def _log_run_start(client, run_id: str, cfg: Config, prepared: dict[str, Prepare
 
 
 def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | None = None,
-                 log: Callable[[str], None] = print) -> TrainResult:
+                 log: Callable[[str], None] = print, run_name: str | None = None,
+                 parent_run_id: str | None = None, callbacks: list | None = None) -> TrainResult:
+    """Train `cfg` to the end. `run_name` fixes the run's name (a Tune trial passes one derived from
+    its trial id, and a restored trial with that name continues its run); `parent_run_id` nests the
+    MLflow run; `callbacks` go to Ray Train's RunConfig (e.g. Tune's TuneReportCallback)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -171,7 +183,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     start = time.monotonic()
     specs = cfg.task_specs()
     check_resources(cfg)
-    run_name, run_dir, previous = _run_dir(cfg, resume)
+    run_name, run_dir, previous = _run_dir(cfg, resume, run_name)
     prepared = prepare_tasks(cfg, log=log)
 
     train_rows = {t: min(p.rows("train"), cfg.tasks[t].max_rows.get("train", p.rows("train"))) for t, p in prepared.items()}
@@ -182,7 +194,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
                               for t in prepared))
 
     uri = tracking_uri(cfg.tracking.uri)
-    client, run_id = _start_mlflow(cfg, run_name, previous, uri)
+    client, run_id = _start_mlflow(cfg, run_name, previous, uri, parent_run_id)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     if previous is None:
         (Path(run_dir) / "run.json").write_text(json.dumps(
@@ -214,7 +226,8 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=str(Path(cfg.train.storage_path).expanduser()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks or [])),
         datasets=datasets,
     )
     try:

@@ -74,6 +74,24 @@ def batches_forever(shard, batch_size: int, pad_id: int, seed: int,
             raise RuntimeError("a task's training shard is empty on this worker: use fewer workers or more rows")
 
 
+def set_clip(engine, optimizer, value: float) -> None:
+    """Set the gradient-clipping threshold DeepSpeed applies at the next step (stage 0 reads the
+    engine's config; the ZeRO, bf16 and fp16 optimizers keep their own copy)."""
+    engine._config.gradient_clipping = value
+    if hasattr(optimizer, "clip_grad"):
+        optimizer.clip_grad = value
+
+
+def clear_stale_grads(optimizer) -> None:
+    """ZeRO-3 keeps each parameter's reduced gradient in a flat partition buffer that `zero_grad`
+    does not clear, and a backward only overwrites the slices of parameters it reached. A step trains
+    one task, so without this the other tasks' heads and decoders would be updated again with their
+    last (stale) gradient at every step. Zeroing the buffer after the step leaves them untouched."""
+    buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    if buffer is not None:
+        buffer.zero_()
+
+
 def lr_lambda(schedule: str, warmup: int, total: int):
     def fn(step: int) -> float:
         if step < warmup:
@@ -101,8 +119,7 @@ def deepspeed_config(train: dict[str, Any], world_size: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if train["clip_grad"] > 0:
-        config["gradient_clipping"] = train["clip_grad"]
+    config["gradient_clipping"] = train["clip_grad"]  # always explicit: DeepSpeed's default is 1.0, not off
     if train["offload_optimizer"]:  # offload refuses a client optimizer: declare it here
         config["optimizer"] = {"type": "AdamW", "params": {"lr": train["lr"], "weight_decay": train["weight_decay"]}}
     return config
@@ -213,6 +230,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         task = sampler.next()
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * schedule(step)
+        if train["clip_grad"] > 0:
+            # DeepSpeed clips the gradient of the *weighted* loss. A step trains one task, so a fixed
+            # threshold would cancel the task's weight whenever its gradient norm exceeds it (most
+            # steps of a fine-tune): scaling the threshold with the weight clips the task's own gradient.
+            set_clip(engine, optimizer, train["clip_grad"] * weighting.grad_scale(task))
         step_losses = []
         for micro in range(train["grad_accum"]):
             batch = next(iters[task])
@@ -224,6 +246,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             window["tokens"] += int(batch["attention_mask"].sum())
             window["samples"] += len(batch["input_ids"])
             step_losses.append(loss.detach().item())
+        if train["zero_stage"] == 3:
+            clear_stale_grads(optimizer)
         window["losses"][task] += step_losses
         step += 1
         if weighting.needs_losses:  # the same value on every rank, so every rank computes the same weights

@@ -58,6 +58,7 @@ class Weighting(Protocol):
     def weight(self, task: str) -> float: ...
     def weights(self) -> dict[str, float]: ...
     def weighted_loss(self, task: str, loss: torch.Tensor) -> torch.Tensor: ...
+    def grad_scale(self, task: str) -> float: ...  # what weighted_loss multiplies the task loss's gradient by
     def observe_loss(self, task: str, loss_value: float, step: int) -> None: ...
     def observe_grad(self, task: str, flat_grad: torch.Tensor) -> None: ...
     def state_dict(self) -> dict: ...
@@ -108,6 +109,9 @@ class StaticWeighting:
     def weighted_loss(self, task: str, loss: torch.Tensor) -> torch.Tensor:
         return self.prior[task] * loss
 
+    def grad_scale(self, task: str) -> float:
+        return self.prior[task]
+
     def observe_loss(self, task: str, loss_value: float, step: int) -> None:
         pass
 
@@ -155,6 +159,9 @@ class UncertaintyWeighting:
         s = self._log_var(task)  # a constant here: s learns in observe_loss, from the rank-averaged loss
         return self.prior[task] * (math.exp(-s) * loss + s)
 
+    def grad_scale(self, task: str) -> float:
+        return self.prior[task] * math.exp(-self._log_var(task))
+
     def observe_loss(self, task: str, loss_value: float, step: int) -> None:
         if self.prior[task] <= 0:
             return
@@ -193,6 +200,9 @@ class DynamicWeightAverage:
 
     def weighted_loss(self, task: str, loss: torch.Tensor) -> torch.Tensor:
         return self.current[task] * loss
+
+    def grad_scale(self, task: str) -> float:
+        return self.current[task]
 
     def observe_loss(self, task: str, loss_value: float, step: int) -> None:
         self.open[task].append(float(loss_value))
@@ -236,6 +246,9 @@ class GradientCosine:
 
     def weighted_loss(self, task: str, loss: torch.Tensor) -> torch.Tensor:
         return self.current[task] * loss
+
+    def grad_scale(self, task: str) -> float:
+        return self.current[task]
 
     def observe_loss(self, task: str, loss_value: float, step: int) -> None:
         pass

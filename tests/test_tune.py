@@ -1,0 +1,195 @@
+"""Ray Tune over task weights and sampling ratios: spec validation, the trial config, resources, and one
+real 4-trial ASHA experiment (tiny model, two real tasks, 1 worker per trial) that is killed mid-way,
+resumed with --resume, and then checked end to end: MLflow parent + 4 children, the best config
+retrained to the same score, the best model registered as `challenger`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.tuning import load_tune_spec, max_concurrent, param_space, trial_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {"rotten_tomatoes": {"max_rows": {"train": 256, "validation": 64}},
+         "bbc_news": {"max_rows": {"train": 256, "validation": 60}}}
+
+
+def _write_spec(tmp: Path, cache_dir: Path, **spec) -> Path:
+    train = {"name": "tt", "model": {"name": "tiny-bert"}, "tasks": TASKS, "sampling": {"strategy": "temperature"},
+             "data": {"cache_dir": str(cache_dir)},
+             "train": {"num_workers": 1, "cpus_per_worker": 0.5, "steps": 30, "batch_size": 16, "lr": 2e-3,
+                       "log_every": 10, "eval_batch_size": 32, "storage_path": str(tmp / "runs")},
+             "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"}}
+    (tmp / "train.yaml").write_text(yaml.safe_dump(train))
+    spec = {"train_config": "train.yaml", "name": "tt-tune", "num_samples": 4, "search": "random", "seed": 3,
+            "scheduler": "asha", "asha": {"grace_period": 10, "reduction_factor": 2}, "report_every": 10,
+            "space": {"weights": {"low": 0.25, "high": 4.0, "log": True},
+                      "sampling": {"strategy": ["temperature", "explicit"], "temperature": {"low": 1.0, "high": 8.0},
+                                   "ratios": {"low": 0.05, "high": 1.0}}},
+            "register_as": "tt-model", **spec}
+    (tmp / "tune.yaml").write_text(yaml.safe_dump(spec))
+    return tmp / "tune.yaml"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs").glob("tune_*.yaml")), ids=lambda p: p.name)
+def test_shipped_tune_specs_validate(path):
+    spec, base = load_tune_spec(path)
+    assert len(base.tasks) >= 2 and param_space(spec, base)
+
+
+def test_spec_overrides_split_between_spec_and_training_config(tmp_path, cache_dir):
+    path = _write_spec(tmp_path, cache_dir)
+    spec, base = load_tune_spec(path, ["num_samples=6", "asha.grace_period=20", "train.steps=40"])
+    assert spec.num_samples == 6 and spec.asha.grace_period == 20 and base.train.steps == 40
+    assert spec.train_config == tmp_path / "train.yaml" and spec.name == "tt-tune"
+    assert sorted(param_space(spec, base)) == sorted(
+        ["weight.rotten_tomatoes", "weight.bbc_news", "sampling.strategy", "sampling.temperature",
+         "ratio.rotten_tomatoes", "ratio.bbc_news"])
+
+
+def test_trial_config_normalises_weights_and_ratios(tmp_path, cache_dir):
+    spec, base = load_tune_spec(_write_spec(tmp_path, cache_dir))
+    params = {"weight.rotten_tomatoes": 3.0, "weight.bbc_news": 1.0, "sampling.strategy": "explicit",
+              "sampling.temperature": 5.0, "ratio.rotten_tomatoes": 0.2, "ratio.bbc_news": 0.6}
+    cfg = trial_config(base, params, spec)
+    assert {t: c.weight for t, c in cfg.tasks.items()} == {"rotten_tomatoes": 1.5, "bbc_news": 0.5}  # sum = 2 tasks
+    assert {t: c.ratio for t, c in cfg.tasks.items()} == {"rotten_tomatoes": 0.25, "bbc_news": 0.75}  # sum = 1
+    assert cfg.train.eval_every == cfg.train.checkpoint_every == 10 and cfg.tracking.experiment == "tt-tune"
+    # A temperature trial ignores the sampled ratios (a config with both would be rejected).
+    cfg = trial_config(base, {**params, "sampling.strategy": "temperature"}, spec)
+    assert cfg.sampling.temperature == 5.0 and all(c.ratio is None for c in cfg.tasks.values())
+    # What a trial trains on is a plain training config: it round-trips through YAML unchanged.
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert load_config(tmp_path / "best.yaml") == cfg
+
+
+def test_concurrency_follows_cluster_resources(tmp_path, cache_dir):
+    spec, base = load_tune_spec(_write_spec(tmp_path, cache_dir))
+    assert max_concurrent(spec, base, {"CPU": 2}) == 2  # 1 worker × 0.5 CPU each, 1 CPU kept for Ray Data
+    spec2, base2 = load_tune_spec(_write_spec(tmp_path, cache_dir), ["train.num_workers=2", "train.cpus_per_worker=1"])
+    assert max_concurrent(spec2, base2, {"CPU": 8}) == 3 and max_concurrent(spec2, base2, {"CPU": 3}) == 1
+    spec3, base3 = load_tune_spec(_write_spec(tmp_path, cache_dir), ["max_concurrent_trials=2", "train.num_workers=2",
+                                                                   "train.cpus_per_worker=1"])
+    assert max_concurrent(spec3, base3, {"CPU": 32}) == 2
+    gpu_spec, gpu_base = load_tune_spec(_write_spec(tmp_path, cache_dir), ["train.use_gpu=true", "train.num_workers=2"])
+    assert max_concurrent(gpu_spec, gpu_base, {"CPU": 64, "GPU": 8}) == 4  # 2 GPUs per trial
+    with pytest.raises(PipelineError) as err:
+        max_concurrent(spec2, base2, {"CPU": 2})
+    line = str(err.value.problems[0])
+    assert line.startswith("train.num_workers:") and "2 workers × 1 CPU" in line and "the cluster has 2 CPUs" in line
+
+
+def test_bad_specs_name_the_key_and_the_fix(tmp_path, cache_dir):
+    path = _write_spec(tmp_path, cache_dir)
+    with pytest.raises(PipelineError) as err:
+        load_tune_spec(path, ["search=grid", "asha.grace_period=40", "space.lr={low: 1, high: 0.5}", "num_sample=3"])
+    lines = [str(p) for p in err.value.problems]
+    assert any(l.startswith("num_sample: unknown key") and "did you mean 'num_samples'" in l for l in lines), lines
+    assert any(l.startswith("space.lr") and "must be below high" in l for l in lines), lines
+    with pytest.raises(PipelineError) as err:
+        load_tune_spec(path, ["search=grid", "asha.grace_period=40"])
+    lines = [str(p) for p in err.value.problems]
+    assert any(l.startswith("asha.grace_period:") and "not below train.steps (30)" in l for l in lines), lines
+    assert any(l.startswith("space.weights: is a range") for l in lines), lines
+    with pytest.raises(PipelineError) as err:
+        load_tune_spec(path, ["train.steps=-1"])
+    assert str(err.value.problems[0]).startswith("train.steps:")
+
+
+def _children(uri: str, parent_run_id: str):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    return client, client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+@pytest.mark.timeout(1500)
+def test_asha_experiment_killed_resumed_tracked_and_reproducible(tmp_path, cache_dir, ray_session):
+    path = _write_spec(tmp_path, cache_dir)
+    spec, base = load_tune_spec(path)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "jobs/tune.py", "--config", str(path), "--out", str(out)]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    # Kill the Tune driver once Tune has recorded at least one trial as TERMINATED and others are not.
+    def terminated() -> set[str]:
+        states = sorted(runs.glob("tt-tune/experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+        try:
+            trials = [json.loads(t[0]) for t in json.loads(states[-1].read_text())["trial_data"]] if states else []
+        except (ValueError, OSError):  # being rewritten
+            return set()
+        return {f"tt-tune-{t['trial_id']}" for t in trials if t["status"] == "TERMINATED"}
+
+    def last_write(run: str) -> float:
+        return max(p.stat().st_mtime for p in (runs / run).rglob("*"))
+
+    deadline = time.monotonic() + 900
+    while not terminated() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    killed_at = time.time() * 1000
+    done_before = terminated()
+    assert 1 <= len(done_before) < 4
+    stamps = {r: last_write(r) for r in done_before}
+    time.sleep(3)
+
+    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # Trials Tune had finished were not run again (nothing in their run folders changed); the others were finished.
+    assert {r: last_write(r) for r in done_before} == stamps
+
+    summary = json.loads((out / "trials.json").read_text())
+    trials = summary["trials"]
+    assert len(trials) == 4 and all(t["status"] in ("finished", "stopped (ASHA)") for t in trials), trials
+    assert sum(t["status"] == "finished" for t in trials) >= 1
+    assert any(t["status"] == "stopped (ASHA)" for t in trials)  # 4 trials, reduction factor 2: ASHA cut some
+    for t in trials:
+        assert sum(t["weights"].values()) == pytest.approx(2.0, abs=1e-4)
+        assert sum(t["ratios"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert (out / "weights_vs_score.png").stat().st_size > 5000 and "| trial |" in (out / "trials.md").read_text()
+
+    # MLflow: one parent, four nested children (the resumed trial kept its run), params and metrics.
+    parent_id = summary["parent_run_id"]
+    client, children = _children(base.tracking.uri, parent_id)
+    assert len(children) == 4 and len({c.data.tags["mtl.run_name"] for c in children}) == 4
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["best_score"] == pytest.approx(
+        max(t["best_score"] for t in trials if t["status"] == "finished"))
+    assert {"tune/trials.md", "tune/best_config.yaml", "tune/weights_vs_score.png", "tune/trials.json"} <= {
+        a.path for a in client.list_artifacts(parent_id, "tune")}
+    for child in children:
+        assert {"weight.rotten_tomatoes", "weight.bbc_news", "ratio.rotten_tomatoes", "ratio.bbc_news"} <= set(child.data.params)
+        assert {"dev/score", "dev/rotten_tomatoes/accuracy", "loss/total"} <= set(child.data.metrics)
+        assert child.info.status in ("FINISHED", "KILLED")
+        if child.data.tags["mtl.run_name"] in done_before and child.info.status == "FINISHED":
+            assert child.info.end_time < killed_at
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "dev/score")]
+        assert len(steps) == len(set(steps)), f"duplicate dev/score steps {steps}"  # the resumed trial did not restart
+
+    # The best trial's best model is registered as a new version with alias challenger.
+    best = next(t for t in trials if t["trial"] == summary["best_trial"])
+    version = client.get_model_version_by_alias("tt-model", "challenger")
+    assert version.tags["run_name"] == best["run_name"] and float(version.tags["score"]) == pytest.approx(best["best_score"], abs=1e-4)
+
+    # best_config.yaml is accepted by the training job as-is and retrains to the same score (same seed,
+    # same data order on one worker; tolerance 1e-6 on a 0-100 score).
+    from pipeline.train.driver import train_driver
+    cfg = load_config(out / "best_config.yaml")
+    assert {t: c.weight for t, c in cfg.tasks.items()} == best["weights"]
+    again = train_driver(cfg, log=lambda _: None)
+    assert again.best_score == pytest.approx(best["best_score"], abs=1e-6)
