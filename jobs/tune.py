@@ -38,7 +38,8 @@ PARENT_FILE = "mtl_tune.json"  # in the experiment folder: the MLflow parent run
 
 
 def run_experiment(spec, base, *, resume: bool = False, log=print):
-    """Fit (or restore and finish) the experiment; returns (ResultGrid, parent run id, tracking uri)."""
+    """Fit (or restore and finish) the experiment; returns (ResultGrid, parent run id, tracking uri,
+    the training config with absolute paths that every trial started from)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -49,9 +50,13 @@ def run_experiment(spec, base, *, resume: bool = False, log=print):
     from pipeline.tuning import (METRIC, MODE, TIME_ATTR, TRIAL_DRIVER_CPU, baseline_point, max_concurrent, param_space,
                                  trial_run_name, tune_trial)
 
-    storage = Path(base.train.storage_path).expanduser()
+    storage = Path(base.train.storage_path).expanduser().resolve()
     exp_dir = storage / spec.name
     uri = tracking_uri(base.tracking.uri)
+    # Tune runs each trial in its own working directory: everything relative (the default sqlite
+    # store in the working dir, relative data or run folders) is pinned here, so trials log into
+    # the parent's store and read the same cache.
+    base = absolute_paths(base, uri, storage)
     client = parent_run_id = None
     reason = check_reachable(uri)
     if reason and base.tracking.required:
@@ -140,7 +145,15 @@ def run_experiment(spec, base, *, resume: bool = False, log=print):
         if client is not None and parent_run_id:
             client.set_terminated(parent_run_id, status="FAILED")
         raise
-    return grid, parent_run_id, uri
+    return grid, parent_run_id, uri, base
+
+
+def absolute_paths(base, uri: str, storage: Path):
+    """The training config with its tracking URI and local paths made absolute."""
+    data = base.data.model_copy(update={k: Path(v).expanduser().resolve() for k in ("cache_dir", "glue_dir", "cache_path")
+                                        if (v := getattr(base.data, k)) is not None})
+    return base.model_copy(update={"data": data, "tracking": base.tracking.model_copy(update={"uri": uri}),
+                                   "train": base.train.model_copy(update={"storage_path": str(storage)})})
 
 
 def trial_rows(grid, spec, base, client=None, parent_run_id: str | None = None) -> list[dict]:
@@ -297,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     spec, base = load_tune_spec(args.config, args.overrides)
     init_ray()
-    grid, parent_run_id, uri = run_experiment(spec, base, resume=args.resume)
+    grid, parent_run_id, uri, base = run_experiment(spec, base, resume=args.resume)
     out = Path(args.out or Path("tune_results") / spec.name)
     summary = summarise(grid, spec, base, parent_run_id, uri, out)
     print()

@@ -29,8 +29,7 @@ def _write_spec(tmp: Path, cache_dir: Path, **spec) -> Path:
     train = {"name": "tt", "model": {"name": "tiny-bert"}, "tasks": TASKS, "sampling": {"strategy": "temperature"},
              "data": {"cache_dir": str(cache_dir)},
              "train": {"num_workers": 1, "cpus_per_worker": 0.5, "steps": 30, "batch_size": 16, "lr": 2e-3,
-                       "log_every": 10, "eval_batch_size": 32, "storage_path": str(tmp / "runs")},
-             "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}"}}
+                       "log_every": 10, "eval_batch_size": 32, "storage_path": str(tmp / "runs")}}
     (tmp / "train.yaml").write_text(yaml.safe_dump(train))
     spec = {"train_config": "train.yaml", "name": "tt-tune", "num_samples": 4, "search": "random", "seed": 3,
             "scheduler": "asha", "asha": {"grace_period": 10, "reduction_factor": 2}, "report_every": 10,
@@ -120,9 +119,12 @@ def test_asha_experiment_killed_resumed_tracked_and_reproducible(tmp_path, cache
     spec, base = load_tune_spec(path)
     runs, out = tmp_path / "runs", tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "jobs/tune.py", "--config", str(path), "--out", str(out)]
+    # No tracking.uri: the default store (mlflow.db in the job's working directory) must hold the parent
+    # and every child, although Tune runs each trial in a working directory of its own.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(path), "--out", str(out)]
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     # Kill the Tune driver once Tune has recorded at least one trial as TERMINATED and others are not.
     def terminated() -> set[str]:
@@ -148,7 +150,7 @@ def test_asha_experiment_killed_resumed_tracked_and_reproducible(tmp_path, cache
     stamps = {r: last_write(r) for r in done_before}
     time.sleep(3)
 
-    resumed = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    resumed = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     # Trials Tune had finished were not run again (nothing in their run folders changed); the others were finished.
     assert {r: last_write(r) for r in done_before} == stamps
@@ -165,7 +167,7 @@ def test_asha_experiment_killed_resumed_tracked_and_reproducible(tmp_path, cache
 
     # MLflow: one parent, four nested children (the resumed trial kept its run), params and metrics.
     parent_id = summary["parent_run_id"]
-    client, children = _children(base.tracking.uri, parent_id)
+    client, children = _children(uri, parent_id)
     assert len(children) == 4 and len({c.data.tags["mtl.run_name"] for c in children}) == 4
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.metrics["best_score"] == pytest.approx(
@@ -190,6 +192,7 @@ def test_asha_experiment_killed_resumed_tracked_and_reproducible(tmp_path, cache
     # same data order on one worker; tolerance 1e-6 on a 0-100 score).
     from pipeline.train.driver import train_driver
     cfg = load_config(out / "best_config.yaml")
+    assert cfg.tracking.uri == uri  # the resolved store, not "the working directory" of whoever retrains
     assert {t: c.weight for t, c in cfg.tasks.items()} == best["weights"]
     again = train_driver(cfg, log=lambda _: None)
     assert again.best_score == pytest.approx(best["best_score"], abs=1e-6)
