@@ -159,7 +159,10 @@ def test_asha_experiment_killed_resumed_tracked_and_reproducible(tmp_path, cache
     trials = summary["trials"]
     assert len(trials) == 4 and all(t["status"] in ("finished", "stopped (ASHA)") for t in trials), trials
     assert sum(t["status"] == "finished" for t in trials) >= 1
-    assert any(t["status"] == "stopped (ASHA)" for t in trials)  # 4 trials, reduction factor 2: ASHA cut some
+    # Whether ASHA stops a trial depends on the order results reach its rungs (two trials run at once),
+    # so a stop is not required; a stopped trial must have stopped early and be closed as KILLED below.
+    assert all(t["steps"] < 30 for t in trials if t["status"] == "stopped (ASHA)")
+    stopped = {t["run_name"] for t in trials if t["status"] == "stopped (ASHA)"}
     for t in trials:
         assert sum(t["weights"].values()) == pytest.approx(2.0, abs=1e-4)
         assert sum(t["ratios"].values()) == pytest.approx(1.0, abs=1e-4)
@@ -177,7 +180,10 @@ def test_asha_experiment_killed_resumed_tracked_and_reproducible(tmp_path, cache
     for child in children:
         assert {"weight.rotten_tomatoes", "weight.bbc_news", "ratio.rotten_tomatoes", "ratio.bbc_news"} <= set(child.data.params)
         assert {"dev/score", "dev/rotten_tomatoes/accuracy", "loss/total"} <= set(child.data.metrics)
-        assert child.info.status in ("FINISHED", "KILLED")
+        name = child.data.tags["mtl.run_name"]
+        assert child.info.status == ("KILLED" if name in stopped else "FINISHED"), (name, child.info.status)
+        if name in stopped:
+            assert child.data.tags["mtl.tune_status"] == "stopped (ASHA)"
         if child.data.tags["mtl.run_name"] in done_before and child.info.status == "FINISHED":
             assert child.info.end_time < killed_at
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "dev/score")]
