@@ -183,14 +183,9 @@ class UncertaintyWeighting:
         self.optimizer.load_state_dict(state["optimizer"])
 
 
-class DynamicWeightAverage:
-    method, needs_losses, needs_grads = "dwa", True, False
-
-    def __init__(self, prior: dict[str, float], temperature: float, window: int):
-        self.prior, self.temperature, self.window = prior, temperature, window
-        self.open = {t: [] for t in prior}  # losses of each task's current window
-        self.closed = {t: [] for t in prior}  # means of each task's last two complete windows, oldest first
-        self.current = dict(prior)
+class _CurrentWeights:
+    """Methods whose loss is `current[task] · L`: the weights live in `self.current`."""
+    current: dict[str, float]
 
     def weight(self, task: str) -> float:
         return self.current[task]
@@ -203,6 +198,16 @@ class DynamicWeightAverage:
 
     def grad_scale(self, task: str) -> float:
         return self.current[task]
+
+
+class DynamicWeightAverage(_CurrentWeights):
+    method, needs_losses, needs_grads = "dwa", True, False
+
+    def __init__(self, prior: dict[str, float], temperature: float, window: int):
+        self.prior, self.temperature, self.window = prior, temperature, window
+        self.open = {t: [] for t in prior}  # losses of each task's current window
+        self.closed = {t: [] for t in prior}  # means of each task's last two complete windows, oldest first
+        self.current = dict(prior)
 
     def observe_loss(self, task: str, loss_value: float, step: int) -> None:
         self.open[task].append(float(loss_value))
@@ -230,25 +235,13 @@ class DynamicWeightAverage:
         self.current = dict(state["current"])
 
 
-class GradientCosine:
+class GradientCosine(_CurrentWeights):
     method, needs_losses, needs_grads = "gradcos", False, True
 
     def __init__(self, prior: dict[str, float], beta: float, eps: float):
         self.prior, self.beta, self.eps = prior, beta, eps
         self.ema: dict[str, torch.Tensor] = {}  # per task: EMA of its flattened shared-group gradient
         self.current = dict(prior)
-
-    def weight(self, task: str) -> float:
-        return self.current[task]
-
-    def weights(self) -> dict[str, float]:
-        return dict(self.current)
-
-    def weighted_loss(self, task: str, loss: torch.Tensor) -> torch.Tensor:
-        return self.current[task] * loss
-
-    def grad_scale(self, task: str) -> float:
-        return self.current[task]
 
     def observe_loss(self, task: str, loss_value: float, step: int) -> None:
         pass
