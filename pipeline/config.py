@@ -353,7 +353,6 @@ class Config(Strict):
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config, apply `a.b.c=value` overrides (values parsed as YAML), validate strictly."""
-    problems: list[Problem] = []
     raw: dict[str, Any] = read_yaml(path) if path is not None else {}
     apply_overrides(raw, overrides)
     try:

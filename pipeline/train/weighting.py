@@ -94,23 +94,28 @@ def _check_state(obj, state: dict) -> None:
                          f"the config's {obj.method!r} on {list(obj.prior)}")
 
 
-class StaticWeighting:
+class _CurrentWeights:
+    """Methods whose loss is `current[task] · L`: the weights live in `self.current`."""
+    current: dict[str, float]
+
+    def weight(self, task: str) -> float:
+        return self.current[task]
+
+    def weights(self) -> dict[str, float]:
+        return dict(self.current)
+
+    def weighted_loss(self, task: str, loss: torch.Tensor) -> torch.Tensor:
+        return self.current[task] * loss
+
+    def grad_scale(self, task: str) -> float:
+        return self.current[task]
+
+
+class StaticWeighting(_CurrentWeights):
     method, needs_losses, needs_grads = "static", False, False
 
     def __init__(self, prior: dict[str, float]):
-        self.prior = prior
-
-    def weight(self, task: str) -> float:
-        return self.prior[task]
-
-    def weights(self) -> dict[str, float]:
-        return dict(self.prior)
-
-    def weighted_loss(self, task: str, loss: torch.Tensor) -> torch.Tensor:
-        return self.prior[task] * loss
-
-    def grad_scale(self, task: str) -> float:
-        return self.prior[task]
+        self.prior = self.current = prior  # never changes
 
     def observe_loss(self, task: str, loss_value: float, step: int) -> None:
         pass
@@ -181,23 +186,6 @@ class UncertaintyWeighting:
         _check_state(self, state)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-class _CurrentWeights:
-    """Methods whose loss is `current[task] · L`: the weights live in `self.current`."""
-    current: dict[str, float]
-
-    def weight(self, task: str) -> float:
-        return self.current[task]
-
-    def weights(self) -> dict[str, float]:
-        return dict(self.current)
-
-    def weighted_loss(self, task: str, loss: torch.Tensor) -> torch.Tensor:
-        return self.current[task] * loss
-
-    def grad_scale(self, task: str) -> float:
-        return self.current[task]
 
 
 class DynamicWeightAverage(_CurrentWeights):
