@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a working dir without install
 
 from pipeline.errors import exits_on_bad_input  # noqa: E402
-from pipeline.runtime import job_parser  # noqa: E402
+from pipeline.runtime import job_parser, output_dir  # noqa: E402
 
 BUDGETS = {"small": "jobs/configs/compare_small.yaml"}
 GPT_NOTE = ("GPT-3 / GPT-4 rows of the paper are not reproduced: they need hosted models (no network "
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.preprocess import prepare_tasks
     from pipeline.runtime import init_ray
     from pipeline.train.driver import _dev_rows, train_driver
-    from pipeline.train.tracking import check_reachable, tracking_uri
+    from pipeline.train.tracking import check_reachable, experiment_id, tracking_uri
 
     start = time.monotonic()
     config_path = BUDGETS[args.budget] if args.budget else args.config
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = cfg.task_specs()
     init_ray()
     prepared = prepare_tasks(cfg)  # fail on data problems before any training starts
-    out = Path(args.out)
+    out = output_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     def trained(name: str, c, note: str = "") -> Row:
@@ -81,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if not check_reachable(uri):
         from mlflow import MlflowClient
         client = MlflowClient(uri)
-        found = client.get_experiment_by_name(cfg.tracking.experiment or cfg.name)
-        experiment_id = found.experiment_id if found else client.create_experiment(cfg.tracking.experiment or cfg.name)
-        tracking = (client, experiment_id)
+        tracking = (client, experiment_id(client, cfg.tracking.experiment or cfg.name, uri))
     bilstm = []
     for t, spec in specs.items():
         if spec.kind == "summarization" or not steps.get(t):

@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a working dir without install
 
 from pipeline.errors import exits_on_bad_input  # noqa: E402
+from pipeline.runtime import default_storage, output_dir  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default: the run's eval batch size")
     p.add_argument("--num-beams", type=int, default=1, help="beam width for summarization (default: greedy)")
     p.add_argument("--config", help="config for data settings and task definitions (default: the run's own)")
-    p.add_argument("--storage-path", default="~/.cache/mtl-pipeline/runs", help="where run names are looked up")
+    p.add_argument("--storage-path", default=default_storage(), help="where run names are looked up: folder or URI (default: %(default)s)")
     p.add_argument("--out", default="eval_results", help="folder for results.md / results.json (default: %(default)s)")
     p.add_argument("--glue-submission", metavar="DIR", help="also write GLUE benchmark files for test-split predictions")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                 if dev_score == dev_score else "")
     print(table)
 
-    out = Path(args.out)
+    out = output_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table)
     payload = {"model": args.model, "run_id": opened.run_id, "score": dev_score,
@@ -99,8 +100,8 @@ def log_evaluation(uri: str, opened, results, dev_score: float, out: Path, writt
         except Exception:
             experiment_id = None
     if experiment_id is None:
-        found = client.get_experiment_by_name("evaluations")
-        experiment_id = found.experiment_id if found else client.create_experiment("evaluations")
+        from pipeline.train.tracking import experiment_id as find_experiment
+        experiment_id = find_experiment(client, "evaluations", uri)
     tags = {"mtl.kind": "evaluation", "mtl.model": opened.reference}
     if opened.run_id:
         tags["mtl.evaluates_run"] = opened.run_id

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         raise PipelineError.one(str(args.run), f"no checkpoint{'' if args.step is None else f' for step {args.step}'}",
                                 f"choose one of: {', '.join(p.name for p in sorted(args.run.glob('step_*'))) or 'none'}")
     from pipeline.train.export import consolidate_checkpoint
-    out = consolidate_checkpoint(steps[-1], args.out)
+    from pipeline.runtime import output_dir
+    out = consolidate_checkpoint(steps[-1], output_dir(args.out))
     print(f"exported {steps[-1]} -> {out}")
     return 0
 

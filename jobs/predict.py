@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a working dir without install
 
 from pipeline.errors import PipelineError, exits_on_bad_input  # noqa: E402
+from pipeline.runtime import default_storage, output_dir  # noqa: E402
 
 READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -39,7 +40,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--replicas", type=int, default=1, help="model replicas (Ray actors, 1 CPU each; default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per model call (default: %(default)s)")
     p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--storage-path", default="~/.cache/mtl-pipeline/runs", help="where run names are looked up")
+    p.add_argument("--storage-path", default=default_storage(), help="where run names are looked up: folder or URI (default: %(default)s)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ references")
     return p
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.eval.predict import ReplicaPredictor
     preds = ds.map_batches(ReplicaPredictor, fn_constructor_args=(model, uri, args.batch_size, args.num_beams),
                            batch_format="pandas", batch_size=args.batch_size * 4, concurrency=args.replicas, num_cpus=1)
-    out = str(Path(args.out).expanduser().resolve())
+    out = str(output_dir(args.out).resolve())
     if args.format == "parquet":
         preds.write_parquet(out)
     else:

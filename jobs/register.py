@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a working dir without install
 
 from pipeline.errors import PipelineError, exits_on_bad_input  # noqa: E402
+from pipeline.runtime import default_storage  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--promote-if-better", action="store_true",
                    help="also make the new version `champion` when its dev score beats the current champion's")
     p.add_argument("--promote", metavar="VERSION", help="point an alias (--alias, default champion) at an existing version")
-    p.add_argument("--storage-path", default="~/.cache/mtl-pipeline/runs", help="where run names are looked up")
+    p.add_argument("--storage-path", default=default_storage(), help="where run names are looked up: folder or URI (default: %(default)s)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     return p
 
@@ -70,20 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.run:
         raise PipelineError.one("--run", "is required to register a model", "pass --run RUN, or --promote VERSION")
 
-    run_dir = Path(args.run).expanduser()
-    if not (run_dir / "run.json").is_file():
-        run_dir = Path(args.storage_path).expanduser() / args.run
-    if not (run_dir / "run.json").is_file():
-        raise PipelineError.one("--run", f"no run {args.run!r} (looked for run.json in {args.run} and {run_dir})",
+    from pipeline import storage
+    candidates = [args.run, storage.join(storage.resolve(args.storage_path), args.run)]
+    run_dir = next((c for c in candidates if storage.is_file(storage.join(c, "run.json"))), None)
+    if run_dir is None:
+        raise PipelineError.one("--run", f"no run {args.run!r} (looked for run.json in {' and '.join(candidates)})",
                                 "pass a run folder or a run name under --storage-path")
-    run = json.loads((run_dir / "run.json").read_text())
-    folder = run_dir / args.which
-    if not (folder / "mtl_model.json").is_file():
+    run = json.loads(storage.read_text(storage.join(run_dir, "run.json")))
+    folder = storage.join(run_dir, args.which)
+    if not storage.is_file(storage.join(folder, "mtl_model.json")):
         raise PipelineError.one("--which", f"{folder} holds no model yet", "register a finished run, or --which final_model")
     if not run.get("run_id"):
-        raise PipelineError.one("--run", f"{run_dir.name} was trained without MLflow tracking",
+        raise PipelineError.one("--run", f"{run['run_name']} was trained without MLflow tracking",
                                 "retrain with tracking, or log the folder yourself with pipeline.registry.log_pyfunc")
-    meta = json.loads((folder / "mtl_model.json").read_text())
+    meta = json.loads(storage.read_text(storage.join(folder, "mtl_model.json")))
 
     print(f"logging {folder} as a pyfunc model of MLflow run {run['run_id']} ...", flush=True)
     info, version = register_run_model(client, run_dir, args.name, which=args.which, alias=args.alias)

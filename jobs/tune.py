@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a working dir without install
 
 from pipeline.errors import PipelineError, exits_on_bad_input  # noqa: E402
-from pipeline.runtime import init_ray, job_parser  # noqa: E402
+from pipeline.runtime import init_ray, job_parser, output_dir  # noqa: E402
 
 PARENT_FILE = "mtl_tune.json"  # in the experiment folder: the MLflow parent run id, for --resume
 
@@ -46,43 +46,34 @@ def run_experiment(spec, base, *, resume: bool = False, log=print):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipeline.config import config_to_dict
-    from pipeline.train.tracking import check_reachable, flatten_params, tracking_uri, warn
+    from pipeline import storage as store
+    from pipeline.train.tracking import experiment_id, flatten_params, open_tracking, tracking_uri
     from pipeline.tuning import (METRIC, MODE, TIME_ATTR, TRIAL_DRIVER_CPU, baseline_point, max_concurrent, param_space,
                                  trial_run_name, tune_trial)
 
-    storage = Path(base.train.storage_path).expanduser().resolve()
-    exp_dir = storage / spec.name
+    storage = store.resolve(base.train.storage_path)
+    exp_dir = store.join(storage, spec.name)
     uri = tracking_uri(base.tracking.uri)
     # Tune runs each trial in its own working directory: everything relative (the default sqlite
     # store in the working dir, relative data or run folders) is pinned here, so trials log into
     # the parent's store and read the same cache.
     base = absolute_paths(base, uri, storage)
-    client = parent_run_id = None
-    reason = check_reachable(uri)
-    if reason and base.tracking.required:
-        raise PipelineError.one("tracking.uri", f"MLflow at {uri} cannot be reached ({reason})",
-                                "start the tracking server, fix tracking.uri, or set tracking.required=false")
-    if reason:
-        warn(f"{uri} cannot be reached ({reason}); tuning without tracking")
-    else:
-        from mlflow.tracking import MlflowClient
-        client = MlflowClient(uri)
+    parent_run_id = None
+    client = open_tracking(uri, base.tracking.required, "tuning")
 
     if resume:
-        if not tune.Tuner.can_restore(str(exp_dir)):
+        if not tune.Tuner.can_restore(exp_dir):
             raise PipelineError.one("--resume", f"no Tune experiment {spec.name!r} under {storage}",
                                     "start it without --resume, or set name / train.storage_path to where it lives")
-        parent_run_id = json.loads((exp_dir / PARENT_FILE).read_text()).get("parent_run_id")
+        parent_run_id = json.loads(store.read_text(store.join(exp_dir, PARENT_FILE))).get("parent_run_id")
         if client is not None and parent_run_id:
             client.update_run(parent_run_id, status="RUNNING")
     else:
-        if exp_dir.exists():
+        if store.is_dir(exp_dir):
             raise PipelineError.one("name", f"a Tune experiment {spec.name!r} already exists in {exp_dir}",
                                     "continue it with --resume, or choose another name (name=...)")
         if client is not None:
-            found = client.get_experiment_by_name(spec.name)
-            experiment_id = found.experiment_id if found else client.create_experiment(spec.name)
-            parent = client.create_run(experiment_id, run_name=spec.name, tags={"mtl.kind": "tune"})
+            parent = client.create_run(experiment_id(client, spec.name, uri), run_name=spec.name, tags={"mtl.kind": "tune"})
             parent_run_id = parent.info.run_id
             params = flatten_params({k: v for k, v in spec.model_dump(mode="json").items() if k != "overrides"})
             params["train_overrides"] = " ".join(spec.overrides)[:6000]
@@ -136,9 +127,8 @@ def run_experiment(spec, base, *, resume: bool = False, log=print):
                                         scheduler=scheduler, max_concurrent_trials=concurrent,
                                         trial_name_creator=lambda t: trial_run_name(name, t.trial_id),
                                         trial_dirname_creator=lambda t: trial_run_name(name, t.trial_id)),
-            run_config=tune.RunConfig(name=spec.name, storage_path=str(storage), verbose=1))
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / PARENT_FILE).write_text(json.dumps({"parent_run_id": parent_run_id, "tracking_uri": uri}))
+            run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=1))
+        store.write_text(store.join(exp_dir, PARENT_FILE), json.dumps({"parent_run_id": parent_run_id, "tracking_uri": uri}))
     try:
         grid = tuner.fit()
     except Exception:
@@ -148,12 +138,12 @@ def run_experiment(spec, base, *, resume: bool = False, log=print):
     return grid, parent_run_id, uri, base
 
 
-def absolute_paths(base, uri: str, storage: Path):
+def absolute_paths(base, uri: str, storage: str):
     """The training config with its tracking URI and local paths made absolute."""
     data = base.data.model_copy(update={k: Path(v).expanduser().resolve() for k in ("cache_dir", "glue_dir", "cache_path")
                                         if (v := getattr(base.data, k)) is not None})
     return base.model_copy(update={"data": data, "tracking": base.tracking.model_copy(update={"uri": uri}),
-                                   "train": base.train.model_copy(update={"storage_path": str(storage)})})
+                                   "train": base.train.model_copy(update={"storage_path": storage})})
 
 
 def trial_rows(grid, spec, base, client=None, parent_run_id: str | None = None) -> list[dict]:
@@ -286,7 +276,8 @@ def summarise(grid, spec, base, parent_run_id: str | None, uri: str, out: Path, 
 
             from pipeline.registry import register_run_model
             mlflow.set_tracking_uri(uri)
-            run_dir = Path(base.train.storage_path).expanduser() / best["run_name"]
+            from pipeline import storage
+            run_dir = storage.join(storage.resolve(base.train.storage_path), best["run_name"])
             info, version = register_run_model(client, run_dir, spec.register_as, alias="challenger",
                                                extra_tags={"tune_experiment": spec.name, "tune_parent_run": parent_run_id})
             summary["version"] = version.version
@@ -311,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     spec, base = load_tune_spec(args.config, args.overrides)
     init_ray()
     grid, parent_run_id, uri, base = run_experiment(spec, base, resume=args.resume)
-    out = Path(args.out or Path("tune_results") / spec.name)
+    out = output_dir(args.out or str(Path("tune_results") / spec.name))
     summary = summarise(grid, spec, base, parent_run_id, uri, out)
     print()
     print((out / "trials.md").read_text())

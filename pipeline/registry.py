@@ -96,11 +96,11 @@ def register_run_model(client, run_dir: str | Path, name: str, *, which: str = "
     version of `name` (tagged with the run's dev metrics); returns (model info, version)."""
     import json
 
-    run_dir = Path(run_dir)
-    run = json.loads((run_dir / "run.json").read_text())
-    folder = run_dir / which
-    meta = json.loads((folder / "mtl_model.json").read_text())
-    info = log_pyfunc(run["run_id"], folder)
+    from pipeline import storage
+    run = json.loads(storage.read_text(storage.join(run_dir, "run.json")))
+    with storage.local_copy(storage.join(run_dir, which)) as folder:  # run storage may be an object store
+        meta = json.loads((folder / "mtl_model.json").read_text())
+        info = log_pyfunc(run["run_id"], folder)
     version = register(client, info.model_uri, name, alias=alias, tags={**model_tags(run, which, meta), **(extra_tags or {})},
                        description=f"{run['run_name']} {which} (step {meta.get('step')})")
     return info, version

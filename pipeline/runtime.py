@@ -29,6 +29,32 @@ def init_ray() -> None:
           file=sys.stderr, flush=True)
 
 
+def submitted_job() -> bool:
+    """True inside a `ray job submit` entrypoint (Ray's job supervisor sets this variable)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+
+
+def output_dir(path: str | os.PathLike):
+    """Where a job writes its result files. A relative path inside a submitted job would land in the
+    job's temporary working dir (deleted with it): there it is placed under $MTL_HOME/results instead,
+    and said so."""
+    from pathlib import Path
+
+    from pipeline.model.refs import HOME
+    out = Path(path).expanduser()
+    if not out.is_absolute() and submitted_job():
+        out = HOME / "results" / out
+        print(f"results go to {out} (a relative --out inside a submitted job is placed under $MTL_HOME/results)",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def default_storage() -> str:
+    """Where runs live unless configured: $MTL_HOME/runs (train.storage_path's default)."""
+    from pipeline.model.refs import HOME
+    return str(HOME / "runs")
+
+
 def job_parser(doc: str, *, command: list[str] | None = None) -> argparse.ArgumentParser:
     """Parser with the shared `--config` and `key=value` overrides; the job's docstring is the help text.
     `command`: choices of a leading positional (e.g. which benchmark)."""

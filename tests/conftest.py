@@ -11,6 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that start their own cluster run last: by then the session's Ray can be shut down (two Ray
+    instances on one machine confuse Ray Train's placement-group cleaner)."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+
+
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
     if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():

@@ -20,6 +20,7 @@ from typing import Callable
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
 from pipeline.eval.metrics import multitask_score, task_metrics
+from pipeline.storage import is_uri, join
 from pipeline.eval.predict import Predictor
 
 # GLUE benchmark submission files: our task -> (file name, label written as the class name?)
@@ -85,8 +86,10 @@ def open_model(reference: str, *, storage_path: str | None = None, which: str = 
                 cfg = None
         return OpenedModel(predictor, reference, cfg or _fallback_config(predictor, config_path), run_id)
     path = Path(reference).expanduser()
-    if not path.exists() and storage_path is not None:
-        path = Path(storage_path).expanduser() / reference
+    if is_uri(reference):
+        path = _fetch(reference, which)
+    elif not path.exists() and storage_path is not None:
+        path = _fetch(join(storage_path, reference), which) if is_uri(storage_path) else Path(storage_path).expanduser() / reference
     if (path / "ds").is_dir() and (path.parent / "run.json").is_file():  # a checkpoint: consolidate it first
         import tempfile
 
@@ -115,6 +118,30 @@ def open_model(reference: str, *, storage_path: str | None = None, which: str = 
     raise PipelineError.one(reference, "is not a model folder (mtl_model.json), a run folder (run.json), a run name "
                             f"under {storage_path}, or an MLflow models:/ or runs:/ URI",
                             "pass e.g. ~/.cache/mtl-pipeline/runs/<run>, <run>/best_model or models:/<name>@champion")
+
+
+def _fetch(location: str, which: str) -> Path:
+    """A local copy of a run, model folder or checkpoint kept in an object store: a run's run.json and
+    its `which` model, or the whole folder (plus the run.json beside it); removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from pipeline import storage
+    tmp = Path(tempfile.mkdtemp(prefix="mtl-eval-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    dest = tmp / location.rstrip("/").rsplit("/", 1)[-1]
+    if storage.is_file(join(location, "run.json")):
+        dest.mkdir()
+        (dest / "run.json").write_text(storage.read_text(join(location, "run.json")))
+        if storage.is_dir(join(location, which)):
+            storage.download(join(location, which), dest / which)
+    elif storage.is_dir(location):
+        storage.download(location, dest)
+        parent = location.rstrip("/").rsplit("/", 1)[0]
+        if storage.is_file(join(parent, "run.json")):
+            (tmp / "run.json").write_text(storage.read_text(join(parent, "run.json")))
+    return dest
 
 
 def _registry_run_id(client, reference: str) -> str | None:

@@ -43,6 +43,7 @@ def replace_folder(local: str, dest: str) -> None:
     for p in (tmp, old):
         if fs.get_file_info(p).type != pafs.FileType.NotFound:
             fs.delete_dir(p)
+    fs.create_dir(tmp, recursive=True)  # copy_files creates subfolders, not the destination itself
     pafs.copy_files(local, tmp, destination_filesystem=fs)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.move(path, old)

@@ -17,14 +17,14 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
+from pipeline import storage
 from pipeline.config import Config, config_to_dict
 from pipeline.data.preprocess import PreparedTask, prepare_tasks
 from pipeline.errors import PipelineError, Problem
 from pipeline.train.mixing import normalise_weights, sampling_ratios
-from pipeline.train.tracking import check_reachable, flatten_params, tracking_uri, warn
+from pipeline.train.tracking import experiment_id, flatten_params, open_tracking, tracking_uri
 
 TRAIN_COLUMNS = ["input_ids", "token_type_ids", "label", "target_ids"]
 
@@ -61,28 +61,33 @@ def check_resources(cfg: Config) -> None:
 
 
 def _run_dir(cfg: Config, resume: bool | str, run_name: str | None = None) -> tuple[str, str, dict | None]:
-    """(run name, run dir, run.json of the run being resumed)."""
-    storage = Path(cfg.train.storage_path).expanduser()
+    """(run name, run dir, run.json of the run being resumed). The run dir is a local folder or a URI."""
+    base = storage.resolve(cfg.train.storage_path)
+
+    def recorded(folder: str) -> dict | None:
+        file = storage.join(folder, "run.json")
+        return json.loads(storage.read_text(file)) if storage.is_file(file) else None
+
     if run_name is not None:  # a caller-chosen name (a Tune trial): resumed when it exists
-        folder = storage / run_name
-        previous = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else None
-        return run_name, str(folder), previous
+        folder = storage.join(base, run_name)
+        return run_name, folder, recorded(folder)
     if not resume:
         name = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
-        return name, str(storage / name), None
+        return name, storage.join(base, name), None
     if resume is True:
-        runs = sorted((p for p in storage.glob(f"{cfg.name}-*") if (p / "run.json").is_file()),
-                      key=lambda p: (p / "run.json").stat().st_mtime)
+        runs = [(storage.mtime(storage.join(base, n, "run.json")), n) for n, _ in storage.subdirs(base, f"{cfg.name}-")
+                if storage.is_file(storage.join(base, n, "run.json"))]
         if not runs:
-            raise PipelineError.one("--resume", f"no run of {cfg.name!r} under {storage}",
+            raise PipelineError.one("--resume", f"no run of {cfg.name!r} under {base}",
                                     "start a new run without --resume, or set train.storage_path to where the run lives")
-        folder = runs[-1]
+        name = max(runs)[1]
     else:
-        folder = storage / resume
-        if not (folder / "run.json").is_file():
-            raise PipelineError.one("--resume", f"no run {resume!r} under {storage}",
-                                    f"name one of: {', '.join(sorted(p.name for p in storage.glob('*/')) ) or 'none yet'}")
-    return folder.name, str(folder), json.loads((folder / "run.json").read_text())
+        name = resume
+        if recorded(storage.join(base, name)) is None:
+            raise PipelineError.one("--resume", f"no run {resume!r} under {base}",
+                                    f"name one of: {', '.join(sorted(n for n, _ in storage.subdirs(base))) or 'none yet'}")
+    folder = storage.join(base, name)
+    return name, folder, recorded(folder)
 
 
 def _dev_rows(task: PreparedTask, limit: int | None, seed: int) -> dict[str, list]:
@@ -117,25 +122,17 @@ def _task_meta(cfg: Config, spec) -> dict[str, Any]:
 
 def _start_mlflow(cfg: Config, run_name: str, previous: dict | None, uri: str,
                   parent_run_id: str | None = None) -> tuple[Any, str | None]:
-    reason = check_reachable(uri)
-    if reason:
-        if cfg.tracking.required:
-            raise PipelineError.one("tracking.uri", f"MLflow at {uri} cannot be reached ({reason})",
-                                    "start the tracking server, fix tracking.uri, or set tracking.required=false")
-        warn(f"{uri} cannot be reached ({reason}); training without tracking")
+    client = open_tracking(uri, cfg.tracking.required)
+    if client is None:
         return None, None
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
     if previous and previous.get("run_id"):
         client.update_run(previous["run_id"], status="RUNNING")
         return client, previous["run_id"]
-    experiment = cfg.tracking.experiment or cfg.name
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment = experiment_id(client, cfg.tracking.experiment or cfg.name, uri)
     tags = {"mtl.run_name": run_name}
     if parent_run_id:  # a Tune trial: nested under the experiment's parent run
         tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run = client.create_run(experiment, run_name=run_name, tags=tags)
     return client, run.info.run_id
 
 
@@ -195,9 +192,9 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
 
     uri = tracking_uri(cfg.tracking.uri)
     client, run_id = _start_mlflow(cfg, run_name, previous, uri, parent_run_id)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    storage.make_dirs(run_dir)
     if previous is None:
-        (Path(run_dir) / "run.json").write_text(json.dumps(
+        storage.write_text(storage.join(run_dir, "run.json"), json.dumps(
             {"run_name": run_name, "run_id": run_id, "tracking_uri": uri, "config": config_to_dict(cfg)}, indent=2))
         if client is not None:
             _log_run_start(client, run_id, cfg, prepared, weights, ratios, config_path, run_dir)
@@ -224,7 +221,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=str(Path(cfg.train.storage_path).expanduser()),
+            name=run_name, storage_path=storage.resolve(cfg.train.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks or [])),
@@ -244,10 +241,11 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
             dev_metrics.setdefault(task, {})[metric] = value
     task_steps = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("steps/")}
     if client is not None:
-        final = Path(run_dir) / "final_model"
-        if final.is_dir():
-            client.log_artifacts(run_id, str(final), "model")
-        client.set_tag(run_id, "mtl.best_model", str(Path(run_dir) / "best_model"))
+        final = storage.join(run_dir, "final_model")
+        if storage.is_dir(final):
+            with storage.local_copy(final) as folder:
+                client.log_artifacts(run_id, str(folder), "model")
+        client.set_tag(run_id, "mtl.best_model", storage.join(run_dir, "best_model"))
         client.set_terminated(run_id, status="FINISHED")
     return TrainResult(run_name, run_dir, run_id, int(metrics.get("step", 0)), float(metrics.get("best_score", float("nan"))),
                        dev_metrics, time.monotonic() - start, uri, task_steps=task_steps)

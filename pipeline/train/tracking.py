@@ -63,6 +63,41 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> str | None:
                 os.environ[k] = v
 
 
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go. For a sqlite store: a folder beside the database file,
+    so artifacts follow the store instead of landing in the creating process's working directory
+    (a submitted job's or Tune trial's temporary one). Servers and other stores: None (their default,
+    e.g. the server's --artifacts-destination)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):]).expanduser()
+    folder = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    return (db.resolve().parent / "mlruns" / folder).as_uri()
+
+
+def experiment_id(client, name: str, uri: str) -> str:
+    """The id of experiment `name`, created (with `artifact_location`) when missing."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(uri, name))
+
+
+def open_tracking(uri: str, required: bool, doing: str = "training"):
+    """An MlflowClient on `uri`, or None (with a loud warning) when the store cannot be reached; with
+    `required` an unreachable store is an error instead."""
+    from pipeline.errors import PipelineError
+    reason = check_reachable(uri)
+    if reason:
+        if required:
+            raise PipelineError.one("tracking.uri", f"MLflow at {uri} cannot be reached ({reason})",
+                                    "start the tracking server, fix tracking.uri, or set tracking.required=false")
+        warn(f"{uri} cannot be reached ({reason}); {doing} without tracking")
+        return None
+    from mlflow.tracking import MlflowClient
+    return MlflowClient(uri)
+
+
 class RunLogger:
     """Rank 0's handle on the driver's run: metrics by step, buffered across outages."""
 
