@@ -44,7 +44,7 @@ def _initial_model(cfg):
                                         Head("bbc_news", "classification", 5)], dropout=cfg.train.dropout)
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [0, pytest.param(2, marks=pytest.mark.slow), 3])  # ZeRO-2: also the smoke job's stage
 def test_two_workers_train_checkpoint_and_track(tmp_path, cache_dir, stage):
     cfg = _cfg(tmp_path, cache_dir, f"train.zero_stage={stage}")
     result = train_driver(cfg, log=lambda _: None)

@@ -212,12 +212,18 @@ def stop_ray(s: Settings, grace_s: float = 15.0) -> int:
     import psutil
 
     procs = [p for p in ray_processes(s) if _alive(p)]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    gcs = [p for p in procs if _name(p) == "gcs_server"]
+    alive: list = []
+    for wave in ([p for p in procs if p not in gcs], gcs):  # the GCS last: the others report to it as they exit
+        for p in wave:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        alive += psutil.wait_procs(wave, timeout=grace_s)[1]
+    if alive:
+        say(f"ray:    {len(alive)} processes still up after {grace_s:g} s: killing "
+            + ", ".join(sorted({_name(p) for p in alive})))
     for p in alive:
         try:
             p.kill()
@@ -225,6 +231,13 @@ def stop_ray(s: Settings, grace_s: float = 15.0) -> int:
             pass
     psutil.wait_procs(alive, timeout=5)
     return len(procs)
+
+
+def _name(proc) -> str:
+    try:
+        return proc.name()
+    except Exception:
+        return str(proc.pid)
 
 
 # ------------------------------------------------------------------------------------------- MLflow
@@ -283,6 +296,8 @@ def stop_mlflow(s: Settings, grace_s: float = 15.0) -> int:
         pass
     _, alive = psutil.wait_procs(group, timeout=grace_s)
     if alive:
+        say(f"mlflow: {len(alive)} processes still up after {grace_s:g} s: killing "
+            + ", ".join(sorted({_name(p) for p in alive})))
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -340,6 +355,7 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1 or argv[0] not in {"start", "stop", "status"}:
         print(__doc__)
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `status.sh | head` ends quietly
     s = Settings.from_env()
     if argv[0] == "start":
         start(s)
