@@ -225,6 +225,10 @@ class TrainConfig(Strict):
     """DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters sharded."""
     offload_optimizer: bool = False
     """Keep optimizer states in CPU memory (ZeRO >= 1); the optimizer becomes DeepSpeedCPUAdam."""
+    activation_checkpointing: bool = False
+    """Recompute each backbone layer's activations in backward instead of storing them: less memory, ~30% more compute."""
+    profile: bool = False
+    """Per-window time in data wait, forward, backward, step and DeepSpeed collectives (time/* metrics; synchronizes GPUs)."""
     log_every: int = Field(10, ge=1)
     """Steps between loss/throughput logs (rank 0 to MLflow and stdout)."""
     eval_every: int = Field(100, ge=1)

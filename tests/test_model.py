@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.model.multitask import Head, MultiTaskModel, build_model
@@ -67,3 +68,27 @@ def test_every_parameter_is_in_exactly_one_optimizer_group():
         model = build_model(name, heads)
         grouped = [id(p) for g in model.param_groups(1e-4, 0.01, {}) for p in g["params"]]
         assert len(grouped) == len(set(grouped)) == len({id(p) for p in model.parameters()}), name
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(name):
+    """Recomputing activations in backward changes memory, not results (dropout off)."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        heads = HEADS + [Head("xsum", "summarization", 0)] if name == "tiny-bert" else HEADS
+        model = build_model(name, heads, dropout=0.0).train()
+        for module in model.modules():  # the backbone's own dropout too
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if checkpointing:
+            model.enable_activation_checkpointing()
+            assert model.backbone.is_activation_checkpointing
+        enc = _batch(name)
+        _, loss = model("cls", enc["input_ids"], enc["attention_mask"], labels=torch.tensor([0, 2]))
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, a), (loss_b, b) = grads
+    assert loss_a == pytest.approx(loss_b, abs=1e-6) and a.keys() == b.keys() and len(a) > 4
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=1e-5, msg=n)

@@ -157,18 +157,25 @@ def test_readme_main_job_smoke_form(ray_session, tmp_path, cache_dir):
 
 def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "jobs/benchmark.py", "train", "--config", "jobs/configs/default.yaml", "--out", str(tmp_path),
-           "model.name=tiny-bert", "train.steps=24", "train.eval_every=24", "train.checkpoint_every=24",
-           "train.log_every=4", "train.warmup_steps=0", "train.cpus_per_worker=0.5",
-           f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    cmd = [sys.executable, "jobs/benchmark.py", "train", "--config", "jobs/configs/bench_train.yaml", "--out", str(tmp_path),
+           "--stages", "2", "--workers", "2", "model.name=tiny-bert", "train.steps=24", "train.log_every=4",
+           "train.warmup_steps=0", f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
            f"data.cache_dir={cache_dir}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     result = json.loads((tmp_path / "train.json").read_text())
-    assert result["plain"]["tokens_per_s"] > 0 and result["job"]["tokens_per_s"] > 0
-    assert result["ratio_job_over_plain"] == pytest.approx(result["job"]["tokens_per_s"] / result["plain"]["tokens_per_s"])
-    assert len(result["job"]["tokens_per_s_windows"]) == 5  # 6 logged windows, the start-up one left out
-    assert "Ratio job / plain" in (tmp_path / "train.md").read_text()
+    (run,) = result["runs"]
+    assert run["plain"]["tokens_per_s"] > 0 and run["job"]["tokens_per_s"] > 0 and run["zero_stage"] == 2
+    assert run["ratio"] == pytest.approx(run["job"]["tokens_per_s"] / run["plain"]["tokens_per_s"])
+    assert len(run["job"]["windows"]) == 5 and len(run["plain"]["windows"]) == 5  # 6 windows, the warm-up one left out
+    phases = run["job"]["phases_s"]
+    # the profiled phases account for the measured training time (they are timed back to back)
+    assert sum(phases[p] for p in ("data", "forward", "backward", "step", "other")) == pytest.approx(
+        run["job"]["measured_s"], rel=0.02)
+    assert 0 < phases["comm"] < phases["backward"] + phases["step"]  # ZeRO-2 reduce-scatters in backward
+    assert run["job"]["memory"]["rank0/total"] > 0
+    md = (tmp_path / "train.md").read_text()
+    assert "job / plain" in md and (tmp_path / "RESULTS.md").read_text().count("## Benchmark: training throughput") == 1
 
 
 @pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-bert"])

@@ -87,6 +87,13 @@ class MultiTaskModel(nn.Module):
         self.decoders = nn.ModuleDict({t: task_decoder(backbone.config, backbone if init_decoders else None)
                                        for t in generative} if self.kind == "encoder" else {})
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute the backbone's (and task decoders') layer activations during backward instead of
+        keeping them: transformers' gradient checkpointing, non-reentrant (works with sharded parameters)."""
+        kwargs = {"use_reentrant": False}
+        for module in [self.backbone, *self.decoders.values()]:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def pooled(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         if self.kind in ("encoder", "seq2seq"):
             extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
@@ -137,12 +144,13 @@ class MultiTaskModel(nn.Module):
     @torch.no_grad()
     def generate(self, task: str, input_ids, attention_mask, max_new_tokens: int, num_beams: int = 1,
                  synced_gpus: bool = False, eos_token_id: int | None = None, pad_token_id: int | None = None,
-                 **kwargs) -> torch.Tensor:
-        """New tokens only, batched, with the KV cache (causal prompts are left-padded). `max_new_tokens`
+                 use_cache: bool = True, **kwargs) -> torch.Tensor:
+        """New tokens only, batched, with the KV cache unless `use_cache=False` (causal prompts are
+        left-padded). `max_new_tokens`
         is required: it comes from the task's declared summary length. `synced_gpus` keeps every rank
         stepping until all are done, which sharded (ZeRO-3) parameters need."""
         config = self.backbone.config
-        common = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, use_cache=True,
+        common = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, use_cache=use_cache,
                       synced_gpus=synced_gpus, pad_token_id=config.pad_token_id if pad_token_id is None else pad_token_id,
                       eos_token_id=config.eos_token_id if eos_token_id is None else eos_token_id, **kwargs)
         if self.kind == "causal":
@@ -155,7 +163,7 @@ class MultiTaskModel(nn.Module):
         start = torch.full((input_ids.size(0), 1), self.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
         out = self.decoders[task].generate(
             input_ids=start, encoder_hidden_states=memory, encoder_attention_mask=attention_mask,
-            cache=EncoderDecoderCache(DynamicCache(), DynamicCache()), **common)
+            **({"cache": EncoderDecoderCache(DynamicCache(), DynamicCache())} if use_cache else {}), **common)
         return out[:, 1:]
 
     def param_groups(self, lr: float, weight_decay: float, head_lr_mult: dict[str, float]) -> list[dict]:

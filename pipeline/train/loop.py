@@ -28,6 +28,7 @@ from pipeline.eval.predict import batch_plan, predict_batch
 from pipeline.model.multitask import Head, build_model
 from pipeline.model.refs import load_tokenizer
 from pipeline.model.summarize import PromptFormat, Seq2SeqFormat, pad, summary_format
+from pipeline.train.memory import model_state_bytes, peak_rss_bytes
 from pipeline.train.mixing import TaskSampler
 from pipeline.train.tracking import RunLogger
 from pipeline.train.weighting import make_weighting
@@ -119,10 +120,31 @@ def deepspeed_config(train: dict[str, Any], world_size: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if train["profile"]:  # time inside DeepSpeed's collectives, read back per window (comm_seconds)
+        config["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
     config["gradient_clipping"] = train["clip_grad"]  # always explicit: DeepSpeed's default is 1.0, not off
     if train["offload_optimizer"]:  # offload refuses a client optimizer: declare it here
         config["optimizer"] = {"type": "AdamW", "params": {"lr": train["lr"], "weight_decay": train["weight_decay"]}}
     return config
+
+
+_COMM_SEEN: dict[str, float] = {}
+
+
+def comm_seconds() -> float:
+    """Seconds spent in DeepSpeed's collectives since the last call (its comms logger, `train.profile`).
+    The logger records each op's *running total* (its timers are never reset), so the time of a window
+    is the growth of each op's latest total."""
+    from deepspeed.comm import comms_logger
+    if not comms_logger.enabled:
+        return 0.0
+    total = 0.0
+    for name, sizes in comms_logger.get_raw_data().items():
+        running = max(max(entry[1]) for entry in sizes.values())
+        total += running - _COMM_SEEN.get(name, 0.0)
+        _COMM_SEEN[name] = running
+    comms_logger.reset_data()  # bounded memory; the timers keep the running totals
+    return total / 1000.0  # milliseconds
 
 
 def shared_gradient(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -183,6 +205,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     # Model and engine. Same seed on every rank; DeepSpeed broadcasts rank 0's weights anyway.
     model = build_model(cfg.model.name, heads, dropout=train["dropout"])
+    if train["activation_checkpointing"]:
+        model.enable_activation_checkpointing()
     # Loss weighting before the (slow) engine start: a bad train.shared_params prefix fails at once.
     weighting = make_weighting(train["weighting"], tasks, weights, train["weighting_options"])
     shared = [p for _, p in model.shared_parameters(train["shared_params"])] if weighting.needs_grads else []
@@ -221,7 +245,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     dev = {t: ray.get(ref) for t, ref in config["dev"].items()}
 
     def new_window() -> dict:  # throughput counts training time only: evaluation and checkpoints are paused
-        return {"start": time.perf_counter(), "paused": 0.0, "tokens": 0, "samples": 0, "losses": {t: [] for t in tasks}}
+        return {"start": time.perf_counter(), "paused": 0.0, "tokens": 0, "samples": 0, "losses": {t: [] for t in tasks},
+                "phases": dict.fromkeys(("data", "forward", "backward", "step"), 0.0)}
+
+    gpu_sync = torch.cuda.synchronize if train["profile"] and torch.cuda.is_available() else (lambda: None)
+    memory_step = min(2, train["steps"] - 1)  # measured once, after a backward, when optimizer state exists
+    memory: dict[str, float] = {}
+    if train["profile"]:
+        comm_seconds()  # start counting now (not engine start-up)
 
     window = new_window()
     last_results: dict[str, tuple[list, list]] = {}
@@ -236,13 +267,30 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             # steps of a fine-tune): scaling the threshold with the weight clips the task's own gradient.
             set_clip(engine, optimizer, train["clip_grad"] * weighting.grad_scale(task))
         step_losses = []
+        phases = window["phases"]
         for micro in range(train["grad_accum"]):
+            t0 = time.perf_counter()
             batch = next(iters[task])
+            t1 = time.perf_counter()
             _, loss = engine(task=task, **batch)
+            gpu_sync()
+            t2 = time.perf_counter()
             engine.backward(weighting.weighted_loss(task, loss))
             if weighting.needs_grads and micro == train["grad_accum"] - 1:
                 weighting.observe_grad(task, shared_gradient(shared))
+            gpu_sync()
+            t3 = time.perf_counter()
+            if step == memory_step and micro == train["grad_accum"] - 1 and not memory:
+                memory = {k: float(v) for k, v in model_state_bytes(model, optimizer).items()}
+            t3b = time.perf_counter()  # (the one-off memory count is not part of any phase)
             engine.step()
+            gpu_sync()
+            t4 = time.perf_counter()
+            phases["data"] += t1 - t0
+            phases["forward"] += t2 - t1
+            phases["backward"] += t3 - t2
+            phases["step"] += t4 - t3b
+            window["paused"] += t3b - t3
             window["tokens"] += int(batch["attention_mask"].sum())
             window["samples"] += len(batch["input_ids"])
             step_losses.append(loss.detach().item())
@@ -269,6 +317,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             metrics["lr"] = optimizer.param_groups[0]["lr"]
             metrics["tokens_per_s"] = counts[0].item() / seconds
             metrics["samples_per_s"] = counts[1].item() / seconds
+            if train["profile"]:  # rank 0's view; the phases and "other" add up to the window
+                busy = sum(window["phases"].values())
+                metrics.update({f"time/{k}": v for k, v in window["phases"].items()})
+                metrics.update({"time/window": seconds, "time/paused": window["paused"],
+                                "time/other": max(0.0, seconds - busy), "time/comm": comm_seconds()})
             window = new_window()
             if rank == 0:
                 hidden = ("steps/", "weight/") if weighting.method == "static" else ("steps/",)
@@ -310,6 +363,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"step_{step:07d}")
             shutil.rmtree(folder, ignore_errors=True)
         window["paused"] += time.perf_counter() - paused
+
+    # What each rank held (model states, measured once) and its peak RSS, logged by rank 0.
+    held = [None] * world
+    dist.all_gather_object(held, {**memory, "peak_rss": float(peak_rss_bytes())})
+    if tracker is not None:
+        psi = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        tracker.log_metrics({"memory/psi": float(psi), **{f"memory/rank{r}/{k}": v for r, m in enumerate(held)
+                                                          for k, v in m.items()}}, step)
 
     # The engine's own predictions on the dev rows at the last step travel with the model, so a
     # reloaded copy can be checked against them.

@@ -1,0 +1,148 @@
+"""Training throughput: the training job (Ray Train + DeepSpeed) at 1 and 2 workers and ZeRO 0–3, next
+to a plain single-process PyTorch loop over the same model, data, task sequence, global batch and steps,
+with the same total cores (the job's workers × CPUs per worker = the plain loop's threads).
+
+Tokens/s is the median over the measurement windows (`train.log_every` steps each; the first window,
+which holds warm-up, is dropped). Evaluation and checkpoints are excluded from tokens/s on the job side
+(the loop pauses its clock) and absent on the plain side; start-up (worker group, engine, data) is
+reported separately. The job runs with `train.profile=true`: per-window time in data wait, forward,
+backward, optimizer step, communication (DeepSpeed's comms logger) and the rest (logging, reporting).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pipeline.benchmarks import header, machine, median
+
+PHASES = ("data", "forward", "backward", "step", "other")  # add up to the window; comm is inside backward/step
+
+
+def plain_loop(cfg, prepared, ratios, weights, windows: int) -> dict[str, Any]:
+    """The baseline a user would write: one process, no Ray, no DeepSpeed, same everything else."""
+    import numpy as np
+    import torch
+
+    from pipeline.model.multitask import Head, build_model
+    from pipeline.model.refs import load_tokenizer
+    from pipeline.model.summarize import summary_format
+    from pipeline.train.loop import lr_lambda, make_batch
+    from pipeline.train.mixing import TaskSampler
+
+    threads = max(1, int(cfg.train.num_workers * cfg.train.cpus_per_worker))
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)
+    specs = cfg.task_specs()
+    tokenizer = load_tokenizer(cfg.model.name)
+    rows = {t: p.table("train", limit=cfg.tasks[t].max_rows.get("train"), shuffle_seed=cfg.seed).to_pylist()
+            for t, p in prepared.items()}
+    model = build_model(cfg.model.name, [Head(t, s.kind, s.num_labels) for t, s in specs.items()], cfg.train.dropout)
+    prompts = {t: summary_format(model.kind, tokenizer, s.prompt) for t, s in specs.items() if s.kind == "summarization"}
+    mult = {t: cfg.tasks[t].head_lr_mult or cfg.train.head_lr_mult for t in specs}
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.weight_decay, mult), lr=cfg.train.lr)
+    base = [g["lr"] for g in optimizer.param_groups]
+    schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, cfg.train.steps)
+    sampler = TaskSampler(ratios, cfg.seed)
+    batch = cfg.train.batch_size * cfg.train.num_workers  # the job's global batch per step
+    cursor = {t: 0 for t in rows}
+    model.train()
+    every = cfg.train.log_every
+    rates, tokens, t0 = [], 0, time.perf_counter()
+    start = t0
+    for step in range(cfg.train.steps):
+        task = sampler.next()
+        picked = [rows[task][(cursor[task] + i) % len(rows[task])] for i in range(batch)]
+        cursor[task] += batch
+        b = make_batch({k: np.array([r[k] for r in picked], dtype=object if k != "label" else None)
+                        for k in ("input_ids", "token_type_ids", "label", "target_ids") if picked[0].get(k) is not None},
+                       tokenizer.pad_token_id, prompts.get(task))
+        for g, lr in zip(optimizer.param_groups, base):
+            g["lr"] = lr * schedule(step)
+        _, loss = model(task, b["input_ids"], b["attention_mask"], b.get("token_type_ids"), labels=b["labels"])
+        (weights[task] * loss).backward()
+        if cfg.train.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad * weights[task])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int(b["attention_mask"].sum())
+        if (step + 1) % every == 0:
+            now = time.perf_counter()
+            rates.append(tokens / (now - t0))
+            tokens, t0 = 0, now
+    kept = rates[1:]
+    return {"tokens_per_s": median(kept), "windows": kept, "wall_s": time.perf_counter() - start,
+            "threads": threads, "global_batch": batch}
+
+
+def job_side(cfg) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.driver import train_driver
+    result = train_driver(cfg, log=lambda _: None)
+    client = MlflowClient(result.tracking_uri)
+
+    def series(key: str) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(result.run_id, key), key=lambda m: m.step)]
+
+    rates = series("tokens_per_s")[1:]  # the first window holds warm-up
+    phases = {p: sum(series(f"time/{p}")[1:]) for p in PHASES + ("comm",)}
+    windows = series("time/window")
+    train_s = sum(windows[1:])
+    startup = result.wall_seconds - sum(windows) - sum(series("time/paused"))
+    memory = {k.split("/", 1)[1]: v for k, v in client.get_run(result.run_id).data.metrics.items() if k.startswith("memory/")}
+    return {"tokens_per_s": median(rates), "windows": rates, "wall_s": result.wall_seconds, "run": result.run_name,
+            "startup_s": startup, "first_window_s": windows[0] if windows else None,
+            "phases_s": phases, "measured_s": train_s, "memory": memory}
+
+
+def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: float = 2.0) -> tuple[dict, str]:
+    from pipeline.data.preprocess import prepare_tasks
+    from pipeline.runtime import init_ray
+    from pipeline.train.mixing import normalise_weights, sampling_ratios
+
+    init_ray()
+    prepared = prepare_tasks(cfg, log=lambda _: None)
+    rows = {t: min(p.rows("train"), cfg.tasks[t].max_rows.get("train", p.rows("train"))) for t, p in prepared.items()}
+    ratios = sampling_ratios(cfg.sampling.strategy, rows, {t: cfg.tasks[t].ratio for t in rows}, cfg.sampling.temperature)
+    weights = normalise_weights({t: cfg.tasks[t].weight for t in rows})
+    global_batch = cfg.train.batch_size * cfg.train.num_workers
+    sides = []
+    for n in workers:
+        per_worker = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+            "num_workers": n, "cpus_per_worker": total_cpus / n, "batch_size": global_batch // n, "profile": True})})
+        print(f"plain PyTorch loop, {int(total_cpus)} threads, global batch {global_batch} ...", flush=True)
+        plain = plain_loop(per_worker, prepared, ratios, weights, 0) if n == workers[0] else sides[0]["plain"]
+        for stage in stages:
+            c = per_worker.model_copy(update={"train": per_worker.train.model_copy(update={"zero_stage": stage})})
+            print(f"training job: {n} worker(s) × {total_cpus / n:g} CPU, ZeRO-{stage} ...", flush=True)
+            job = job_side(c)
+            print(f"  {job['tokens_per_s']:,.0f} tokens/s (plain {plain['tokens_per_s']:,.0f})", flush=True)
+            sides.append({"workers": n, "zero_stage": stage, "job": job, "plain": plain,
+                          "ratio": job["tokens_per_s"] / plain["tokens_per_s"]})
+    result = {"benchmark": "train", "command": command, "machine": machine(), "model": cfg.model.name,
+              "tasks": list(prepared), "steps": cfg.train.steps, "log_every": cfg.train.log_every,
+              "global_batch": global_batch, "total_cpus": total_cpus, "runs": sides}
+    return result, markdown(result)
+
+
+def markdown(r: dict) -> str:
+    plain = r["runs"][0]["plain"]
+    md = header("training throughput", r["command"], r["machine"]) + [
+        f"Model `{r['model']}`, tasks {', '.join(r['tasks'])}; {r['steps']} steps, global batch {r['global_batch']}, "
+        f"{r['total_cpus']:g} cores on each side. Tokens/s: median of the {r['log_every']}-step windows after the first. "
+        f"Plain PyTorch loop (1 process, {plain['threads']} threads, same model/data/task order/batch/steps): "
+        f"**{plain['tokens_per_s']:,.0f} tokens/s** (windows {', '.join(f'{w:,.0f}' for w in plain['windows'])}).", "",
+        "| workers | ZeRO | tokens/s | job / plain | start-up + end s | data | forward | backward | step | other | comm (within backward + step) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in r["runs"]:
+        j = s["job"]
+        total = j["measured_s"] or 1.0
+        pct = " | ".join(f"{100 * j['phases_s'].get(p, 0) / total:.0f}%" for p in PHASES + ("comm",))
+        startup = f"{j['startup_s']:.0f}" if j.get("startup_s") is not None else "—"
+        md.append(f"| {s['workers']} | {s['zero_stage']} | {j['tokens_per_s']:,.0f} | **{s['ratio']:.2f}×** | {startup} | {pct} |")
+    md += ["", "Phase shares are of the measured training time (windows after the first): data = waiting for the "
+           "next batch; other = logging, loss bookkeeping and reporting; comm = time inside DeepSpeed's collectives "
+           "(comms logger), already part of backward and step. Start-up + end = the job's wall time minus training "
+           "windows and evaluation/checkpoint pauses: driver data prep, worker group and engine start, final model.", ""]
+    return "\n".join(md)
