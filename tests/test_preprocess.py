@@ -256,3 +256,24 @@ def test_preprocess_job_exits_2_on_bad_input():
     lines = out.stderr.strip().splitlines()
     assert any(l.startswith("tasks.sst9: unknown task") for l in lines)
     assert any(l.startswith("model.max_length:") and "use a value >= 8" in l for l in lines)
+
+
+@pytest.mark.parametrize("model", ["minilm-l6", "tiny-llama", "smollm2-135m"])
+def test_fast_tokenization_path_gives_the_transformers_ids(model, glue_dir):
+    """encode_texts reads ids from the Rust backend directly; they must equal the tokenizer's own call
+    for single texts, pairs (with token types), truncation of long inputs and no-special-token documents."""
+    from pipeline.data.tokenize import encode_texts
+    from pipeline.model.refs import load_tokenizer
+
+    tok = load_tokenizer(model)
+    with open(glue_dir / "MRPC" / "train.tsv", newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))[1:400]
+    a, b = [r[3] for r in rows], [r[4] for r in rows]
+    a[0], b[1] = "", " ".join(a[:40])  # an empty text, and a pair far beyond max_length
+    for pairs, length, summarization in [(None, 16, False), (b, 24, False), (None, 64, True), (b, 128, False)]:
+        got = encode_texts(tok, a, pairs, length, summarization)
+        want = tok(a, pairs, truncation=True, max_length=length, return_attention_mask=False,
+                   add_special_tokens=not summarization)
+        assert got["input_ids"] == want["input_ids"]
+        assert got.get("token_type_ids") == want.get("token_type_ids")
+        assert max(map(len, got["input_ids"])) <= length

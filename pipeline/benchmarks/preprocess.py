@@ -1,8 +1,8 @@
 """Preprocessing: the project's Ray Data pipeline against `datasets.Dataset.map(batched=True, num_proc=2)`.
 
 Equal work on both sides, end to end: read SST-2's train TSV (67,349 rows), tokenize every sentence with
-the same tokenizer and length limit (`encode_texts`, the function both the cache and inference use), write
-Parquet. Ours is `prepare_tasks` on a cold cache (a new cache folder each repetition) with Ray already
+the same tokenizer and length limit into the same ids (ours: `encode_texts`; theirs: the tokenizer's own
+call, as a user writes it), write Parquet. Ours is `prepare_tasks` on a cold cache (a new cache folder each repetition) with Ray already
 running — so it also normalises rows, records drop reasons and counts, and writes the manifest. Theirs is
 what a user would write with `datasets`. Each side runs `repeats` times, alternating; medians are reported.
 """
@@ -43,7 +43,6 @@ def theirs(glue_dir: Path, model: str, max_length: int, num_proc: int = 2) -> di
     import datasets
     import pandas as pd
 
-    from pipeline.data.tokenize import encode_texts
     from pipeline.model.refs import load_tokenizer
 
     datasets.disable_progress_bars()
@@ -54,8 +53,8 @@ def theirs(glue_dir: Path, model: str, max_length: int, num_proc: int = 2) -> di
         frame = pd.read_csv(glue_dir / "SST-2" / "train.tsv", sep="\t", quoting=3, keep_default_na=False)
         ds = datasets.Dataset.from_pandas(frame)
 
-        def tokenize(batch):
-            return encode_texts(tok, batch["sentence"], None, max_length, False)
+        def tokenize(batch):  # what a user writes: the tokenizer's own call, same length limit and outputs
+            return tok(batch["sentence"], truncation=True, max_length=max_length, return_attention_mask=False)
 
         ds = ds.map(tokenize, batched=True, num_proc=num_proc, load_from_cache_file=False)
         ds.to_parquet(str(tmp / "train.parquet"))

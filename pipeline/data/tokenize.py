@@ -27,9 +27,25 @@ def list_array(seqs: list[list[int]], dtype=np.int32) -> pa.ListArray:
 
 def encode_texts(tok, texts: list[str], pairs: list[str] | None, max_length: int, summarization: bool) -> dict[str, list]:
     """The one place text becomes ids (the cache and inference both call it). Summarization documents
-    are wrapped in a prompt later, so they get no special tokens here."""
-    enc = tok([t or "" for t in texts], [p or "" for p in pairs] if pairs is not None else None, truncation=True,
-              max_length=max_length, return_attention_mask=False, add_special_tokens=not summarization)
+    are wrapped in a prompt later, so they get no special tokens here.
+
+    Fast tokenizers go straight to the Rust backend's `encode_batch` and read only the ids: the same
+    ids as `tok(texts, pairs, truncation=True, max_length=...)` (tested), without the per-row Python
+    conversion of every output field that costs about a third of the time."""
+    texts = [t or "" for t in texts]
+    pairs = [p or "" for p in pairs] if pairs is not None else None
+    if getattr(tok, "is_fast", False):
+        backend = tok.backend_tokenizer
+        backend.no_padding()
+        backend.enable_truncation(max_length=max_length, strategy="longest_first", direction=tok.truncation_side)
+        encodings = backend.encode_batch(list(zip(texts, pairs)) if pairs is not None else texts,
+                                         add_special_tokens=not summarization)
+        out = {"input_ids": [e.ids for e in encodings]}
+        if "token_type_ids" in tok.model_input_names:
+            out["token_type_ids"] = [e.type_ids for e in encodings]
+        return out
+    enc = tok(texts, pairs, truncation=True, max_length=max_length, return_attention_mask=False,
+              add_special_tokens=not summarization)
     return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
 
 
