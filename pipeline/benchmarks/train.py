@@ -71,8 +71,13 @@ def plain_loop(cfg, prepared, ratios, weights, windows: int) -> dict[str, Any]:
             rates.append(tokens / (now - t0))
             tokens, t0 = 0, now
     kept = rates[1:]
+    config = model.backbone.config
+    embedding = model.backbone.get_input_embeddings().weight.numel()
+    non_embedding = sum(p.numel() for p in model.parameters()) - embedding
+    seq = sum(len(r["input_ids"]) for rs in rows.values() for r in rs) / sum(len(rs) for rs in rows.values())
+    flops_token = 6.0 * non_embedding + 12.0 * config.num_hidden_layers * config.hidden_size * seq
     return {"tokens_per_s": median(kept), "windows": kept, "wall_s": time.perf_counter() - start,
-            "threads": threads, "global_batch": batch}
+            "threads": threads, "global_batch": batch, "flops_per_token": flops_token, "mean_tokens_per_row": seq}
 
 
 def job_side(cfg) -> dict[str, Any]:
@@ -94,6 +99,14 @@ def job_side(cfg) -> dict[str, Any]:
     return {"tokens_per_s": median(rates), "windows": rates, "wall_s": result.wall_seconds, "run": result.run_name,
             "startup_s": startup, "first_window_s": windows[0] if windows else None,
             "phases_s": phases, "measured_s": train_s, "memory": memory}
+
+
+def _mfu(flops_token: float, tokens_per_s: float, gpus: int) -> float | None:
+    """Model FLOPs utilisation on the GPU this runs on (None when its peak is unknown)."""
+    import torch
+
+    from pipeline.benchmarks.gpu_plan import mfu
+    return mfu(flops_token, tokens_per_s, torch.cuda.get_device_name(0), gpus)
 
 
 def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: float = 2.0) -> tuple[dict, str]:
@@ -118,8 +131,10 @@ def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: f
             print(f"training job: {n} worker(s) × {total_cpus / n:g} CPU, ZeRO-{stage} ...", flush=True)
             job = job_side(c)
             print(f"  {job['tokens_per_s']:,.0f} tokens/s (plain {plain['tokens_per_s']:,.0f})", flush=True)
+            flops = plain["flops_per_token"] * job["tokens_per_s"]
             sides.append({"workers": n, "zero_stage": stage, "job": job, "plain": plain,
-                          "ratio": job["tokens_per_s"] / plain["tokens_per_s"]})
+                          "ratio": job["tokens_per_s"] / plain["tokens_per_s"], "model_tflops": flops / 1e12,
+                          "mfu": _mfu(plain["flops_per_token"], job["tokens_per_s"], n) if c.train.use_gpu else None})
     result = {"benchmark": "train", "command": command, "machine": machine(), "model": cfg.model.name,
               "tasks": list(prepared), "steps": cfg.train.steps, "log_every": cfg.train.log_every,
               "global_batch": global_batch, "total_cpus": total_cpus, "runs": sides}
@@ -133,14 +148,20 @@ def markdown(r: dict) -> str:
         f"{r['total_cpus']:g} cores on each side. Tokens/s: median of the {r['log_every']}-step windows after the first. "
         f"Plain PyTorch loop (1 process, {plain['threads']} threads, same model/data/task order/batch/steps): "
         f"**{plain['tokens_per_s']:,.0f} tokens/s** (windows {', '.join(f'{w:,.0f}' for w in plain['windows'])}).", "",
-        "| workers | ZeRO | tokens/s | job / plain | start-up + end s | data | forward | backward | step | other | comm (within backward + step) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        f"Model FLOPs per token (6 × non-embedding parameters + attention, PaLM's MFU definition): "
+        f"{plain['flops_per_token']:.3g} at {plain['mean_tokens_per_row']:.0f} tokens per row; MFU is reported when "
+        "the job trains on GPUs (on CPU the achieved model TFLOP/s is shown).", "",
+        "| workers | ZeRO | tokens/s | job / plain | model TFLOP/s | MFU | start-up + end s | data | forward | backward "
+        "| step | other | comm (within backward + step) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in r["runs"]:
         j = s["job"]
         total = j["measured_s"] or 1.0
         pct = " | ".join(f"{100 * j['phases_s'].get(p, 0) / total:.0f}%" for p in PHASES + ("comm",))
         startup = f"{j['startup_s']:.0f}" if j.get("startup_s") is not None else "—"
-        md.append(f"| {s['workers']} | {s['zero_stage']} | {j['tokens_per_s']:,.0f} | **{s['ratio']:.2f}×** | {startup} | {pct} |")
+        mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a (CPU)"
+        md.append(f"| {s['workers']} | {s['zero_stage']} | {j['tokens_per_s']:,.0f} | **{s['ratio']:.2f}×** | "
+                  f"{s['model_tflops']:.4f} | {mfu} | {startup} | {pct} |")
     md += ["", "Phase shares are of the measured training time (windows after the first): data = waiting for the "
            "next batch; other = logging, loss bookkeeping and reporting; comm = time inside DeepSpeed's collectives "
            "(comms logger), already part of backward and step. Start-up + end = the job's wall time minus training "

