@@ -36,7 +36,7 @@ from pipeline.errors import PipelineError, exits_on_bad_input  # noqa: E402
 from pipeline.runtime import job_parser  # noqa: E402
 
 NAMES = ["preprocess", "train", "memory", "tune", "generate", "gpu-plan"]
-ORDER = ["preprocess", "train", "memory", "tune", "generate", "gpu_plan"]
+ORDER = ["preprocess", "train", "memory_bf16", "memory_fp32", "tune", "generate", "gpu_plan"]
 
 
 def write_index(out: Path) -> Path:
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--glue-dir", type=Path, help="preprocess: the GLUE folder holding SST-2/train.tsv")
     parser.add_argument("--stages", default="0,1,2,3", help="train: ZeRO stages (default: %(default)s)")
     parser.add_argument("--workers", default="1,2", help="train: worker counts at equal total cores (default: %(default)s)")
+    parser.add_argument("--precision", default="bf16", choices=["fp32", "bf16"],
+                        help="memory: training precision (default: %(default)s, the formulas' mixed precision)")
     args = parser.parse_intermixed_args(argv)
     command = "python jobs/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
     name = args.name.replace("-", "_")
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                                workers=tuple(int(w) for w in args.workers.split(",")))
     elif name == "memory":
         from pipeline.benchmarks import memory
-        result, md = memory.run(command)
+        result, md = memory.run(command, precision=args.precision)
+        name = f"memory_{args.precision}"
     elif name == "tune":
         from pipeline.benchmarks import tune
         result, md = tune.run(command, extra=args.overrides)
