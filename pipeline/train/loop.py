@@ -120,7 +120,7 @@ def deepspeed_config(train: dict[str, Any], world_size: int) -> dict[str, Any]:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if train["profile"]:  # time inside DeepSpeed's collectives, read back per window (comm_seconds)
+    if train.get("profile"):  # time inside DeepSpeed's collectives, read back per window (comm_seconds)
         config["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
     config["gradient_clipping"] = train["clip_grad"]  # always explicit: DeepSpeed's default is 1.0, not off
     if train["offload_optimizer"]:  # offload refuses a client optimizer: declare it here
