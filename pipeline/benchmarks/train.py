@@ -19,7 +19,7 @@ from pipeline.benchmarks import header, machine, median
 PHASES = ("data", "forward", "backward", "step", "other")  # add up to the window; comm is inside backward/step
 
 
-def plain_loop(cfg, prepared, ratios, weights, windows: int) -> dict[str, Any]:
+def plain_loop(cfg, prepared, ratios, weights) -> dict[str, Any]:
     """The baseline a user would write: one process, no Ray, no DeepSpeed, same everything else."""
     import numpy as np
     import torch
@@ -121,11 +121,13 @@ def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: f
     weights = normalise_weights({t: cfg.tasks[t].weight for t in rows})
     global_batch = cfg.train.batch_size * cfg.train.num_workers
     sides = []
+    plain = None  # one plain loop: the same global batch and total threads whatever the worker count
     for n in workers:
         per_worker = cfg.model_copy(update={"train": cfg.train.model_copy(update={
             "num_workers": n, "cpus_per_worker": total_cpus / n, "batch_size": global_batch // n, "profile": True})})
-        print(f"plain PyTorch loop, {int(total_cpus)} threads, global batch {global_batch} ...", flush=True)
-        plain = plain_loop(per_worker, prepared, ratios, weights, 0) if n == workers[0] else sides[0]["plain"]
+        if plain is None:
+            print(f"plain PyTorch loop, {int(total_cpus)} threads, global batch {global_batch} ...", flush=True)
+            plain = plain_loop(per_worker, prepared, ratios, weights)
         for stage in stages:
             c = per_worker.model_copy(update={"train": per_worker.train.model_copy(update={"zero_stage": stage})})
             print(f"training job: {n} worker(s) × {total_cpus / n:g} CPU, ZeRO-{stage} ...", flush=True)
