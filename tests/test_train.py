@@ -174,8 +174,12 @@ def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
         run["job"]["measured_s"], rel=0.02)
     assert 0 < phases["comm"] < phases["backward"] + phases["step"]  # ZeRO-2 reduce-scatters in backward
     assert run["job"]["memory"]["rank0/total"] > 0
+    # the plain loop is timed per phase too, and both sides say how much of their cores they got
+    assert all(run["plain"]["phases_s"][p] > 0 for p in ("forward", "backward", "step"))
+    assert run["plain"]["measured_tokens"] > 0 and run["job"]["measured_tokens"] > 0
+    assert 0 < run["plain"]["cpu_use"] and 0 < run["job"]["cpu_use"]
     md = (tmp_path / "train.md").read_text()
-    assert "job / plain" in md and (tmp_path / "RESULTS.md").read_text().count("## Benchmark: training throughput") == 1
+    assert "job / plain" in md and "| plain PyTorch (run before the next row) |" in md and "CPU use" in md and (tmp_path / "RESULTS.md").read_text().count("## Benchmark: training throughput") == 1
 
 
 @pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-bert"])

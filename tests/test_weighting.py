@@ -316,7 +316,7 @@ def test_clipping_acts_on_the_task_gradient_so_weights_are_not_cancelled(ray_ses
         import torch
 
         from pipeline.model.multitask import Head, build_model
-        from pipeline.train.loop import clear_stale_grads, deepspeed_config, set_clip
+        from pipeline.train.loop import clear_stale_grads, deepspeed_config, set_clip, skip_single_rank_allreduce
 
         heads = [Head("a", "classification", 2), Head("b", "classification", 3)]
         gen = torch.Generator().manual_seed(7)
@@ -347,6 +347,8 @@ def test_clipping_acts_on_the_task_gradient_so_weights_are_not_cancelled(ray_ses
             engine, optimizer, *_ = deepspeed.initialize(
                 model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                 config={**deepspeed_config({**train, "zero_stage": stage}, 1), "zero_allow_untested_optimizer": True})
+            skip_single_rank_allreduce(engine, 1, stage)  # as the training loop does (ZeRO-0, one rank)
+            assert engine.enable_backward_allreduce == (stage != 0)
             engine.eval()
             for task, w, batch in batches:
                 w = w_b if w is None else w

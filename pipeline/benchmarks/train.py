@@ -27,7 +27,7 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict[str, Any]:
     from pipeline.model.multitask import Head, build_model
     from pipeline.model.refs import load_tokenizer
     from pipeline.model.summarize import summary_format
-    from pipeline.train.loop import lr_lambda, make_batch
+    from pipeline.train.loop import cpu_seconds, lr_lambda, make_batch
     from pipeline.train.mixing import TaskSampler
 
     threads = max(1, int(cfg.train.num_workers * cfg.train.cpus_per_worker))
@@ -50,7 +50,10 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict[str, Any]:
     every = cfg.train.log_every
     rates, tokens, t0 = [], 0, time.perf_counter()
     start = t0
+    phases = dict.fromkeys(PHASES[:-1], 0.0)  # over the windows after the first, as on the job side
+    measured_tokens, cpu_start, wall_start = 0, 0.0, 0.0
     for step in range(cfg.train.steps):
+        ta = time.perf_counter()
         task = sampler.next()
         picked = [rows[task][(cursor[task] + i) % len(rows[task])] for i in range(batch)]
         cursor[task] += batch
@@ -59,24 +62,36 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict[str, Any]:
                        tokenizer.pad_token_id, prompts.get(task))
         for g, lr in zip(optimizer.param_groups, base):
             g["lr"] = lr * schedule(step)
+        tb = time.perf_counter()
         _, loss = model(task, b["input_ids"], b["attention_mask"], b.get("token_type_ids"), labels=b["labels"])
+        tc = time.perf_counter()
         (weights[task] * loss).backward()
+        td = time.perf_counter()
         if cfg.train.clip_grad > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad * weights[task])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        te = time.perf_counter()
         tokens += int(b["attention_mask"].sum())
+        if step == every:  # the kept windows start here
+            cpu_start, wall_start = cpu_seconds(), ta
+        if step >= every:
+            for phase, seconds in zip(PHASES, (tb - ta, tc - tb, td - tc, te - td)):
+                phases[phase] += seconds
+            measured_tokens += int(b["attention_mask"].sum())
         if (step + 1) % every == 0:
             now = time.perf_counter()
             rates.append(tokens / (now - t0))
             tokens, t0 = 0, now
     kept = rates[1:]
+    cpu_used, wall = cpu_seconds() - cpu_start, time.perf_counter() - wall_start
     config = model.backbone.config
     embedding = model.backbone.get_input_embeddings().weight.numel()
     non_embedding = sum(p.numel() for p in model.parameters()) - embedding
     seq = sum(len(r["input_ids"]) for rs in rows.values() for r in rs) / sum(len(rs) for rs in rows.values())
     flops_token = 6.0 * non_embedding + 12.0 * config.num_hidden_layers * config.hidden_size * seq
     return {"tokens_per_s": median(kept), "windows": kept, "wall_s": time.perf_counter() - start,
+            "phases_s": phases, "measured_tokens": measured_tokens, "cpu_use": cpu_used / (wall * threads),
             "threads": threads, "global_batch": batch, "flops_per_token": flops_token, "mean_tokens_per_row": seq}
 
 
@@ -94,11 +109,14 @@ def job_side(cfg) -> dict[str, Any]:
     phases = {p: sum(series(f"time/{p}")[1:]) for p in PHASES + ("comm",)}
     windows = series("time/window")
     train_s = sum(windows[1:])
+    tokens = sum(r * w for r, w in zip(rates, windows[1:]))  # the group's tokens in the kept windows
+    cpu = sum(series("time/cpu")[1:])  # rank 0's process, over the same windows
     startup = result.wall_seconds - sum(windows) - sum(series("time/paused"))
     memory = {k.split("/", 1)[1]: v for k, v in client.get_run(result.run_id).data.metrics.items() if k.startswith("memory/")}
     return {"tokens_per_s": median(rates), "windows": rates, "wall_s": result.wall_seconds, "run": result.run_name,
             "startup_s": startup, "first_window_s": windows[0] if windows else None,
-            "phases_s": phases, "measured_s": train_s, "memory": memory}
+            "phases_s": phases, "measured_s": train_s, "measured_tokens": tokens, "memory": memory,
+            "cpu_use": cpu / (train_s * cfg.train.cpus_per_worker) if train_s else None}
 
 
 def _mfu(flops_token: float, tokens_per_s: float, gpus: int) -> float | None:
@@ -121,14 +139,13 @@ def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: f
     weights = normalise_weights({t: cfg.tasks[t].weight for t in rows})
     global_batch = cfg.train.batch_size * cfg.train.num_workers
     sides = []
-    plain = None  # one plain loop: the same global batch and total threads whatever the worker count
     for n in workers:
         per_worker = cfg.model_copy(update={"train": cfg.train.model_copy(update={
             "num_workers": n, "cpus_per_worker": total_cpus / n, "batch_size": global_batch // n, "profile": True})})
-        if plain is None:
+        for stage in stages:
+            # The plain loop runs right before each job side, so drift on a shared machine hits both alike.
             print(f"plain PyTorch loop, {int(total_cpus)} threads, global batch {global_batch} ...", flush=True)
             plain = plain_loop(per_worker, prepared, ratios, weights)
-        for stage in stages:
             c = per_worker.model_copy(update={"train": per_worker.train.model_copy(update={"zero_stage": stage})})
             print(f"training job: {n} worker(s) × {total_cpus / n:g} CPU, ZeRO-{stage} ...", flush=True)
             job = job_side(c)
@@ -145,26 +162,49 @@ def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: f
 
 def markdown(r: dict) -> str:
     plain = r["runs"][0]["plain"]
+    plains = [s["plain"]["tokens_per_s"] for s in r["runs"]]
     md = header("training throughput", r["command"], r["machine"]) + [
         f"Model `{r['model']}`, tasks {', '.join(r['tasks'])}; {r['steps']} steps, global batch {r['global_batch']}, "
         f"{r['total_cpus']:g} cores on each side. Tokens/s: median of the {r['log_every']}-step windows after the first. "
-        f"Plain PyTorch loop (1 process, {plain['threads']} threads, same model/data/task order/batch/steps): "
-        f"**{plain['tokens_per_s']:,.0f} tokens/s** (windows {', '.join(f'{w:,.0f}' for w in plain['windows'])}).", "",
+        f"The plain PyTorch loop (1 process, {plain['threads']} threads, same model/data/task order/batch/steps) runs "
+        f"right before each job side and each ratio is to that run: {len(plains)} runs, median "
+        f"**{median(plains):,.0f} tokens/s** (range {min(plains):,.0f}–{max(plains):,.0f}: the machine's noise).", "",
         f"Model FLOPs per token (6 × non-embedding parameters + attention, PaLM's MFU definition): "
         f"{plain['flops_per_token']:.3g} at {plain['mean_tokens_per_row']:.0f} tokens per row; MFU is reported when "
         "the job trains on GPUs (on CPU the achieved model TFLOP/s is shown).", "",
-        "| workers | ZeRO | tokens/s | job / plain | model TFLOP/s | MFU | start-up + end s | data | forward | backward "
+        "| workers | ZeRO | tokens/s | plain tokens/s | job / plain | model TFLOP/s | MFU | start-up + end s | data | forward | backward "
         "| step | other | comm (within backward + step) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in r["runs"]:
         j = s["job"]
         total = j["measured_s"] or 1.0
         pct = " | ".join(f"{100 * j['phases_s'].get(p, 0) / total:.0f}%" for p in PHASES + ("comm",))
         startup = f"{j['startup_s']:.0f}" if j.get("startup_s") is not None else "—"
         mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a (CPU)"
-        md.append(f"| {s['workers']} | {s['zero_stage']} | {j['tokens_per_s']:,.0f} | **{s['ratio']:.2f}×** | "
+        md.append(f"| {s['workers']} | {s['zero_stage']} | {j['tokens_per_s']:,.0f} | {s['plain']['tokens_per_s']:,.0f} | "
+                  f"**{s['ratio']:.2f}×** | "
                   f"{s['model_tflops']:.4f} | {mfu} | {startup} | {pct} |")
-    md += ["", "Phase shares are of the measured training time (windows after the first): data = waiting for the "
+    md += ["", "Where the time goes, in wall-clock ms per 1,000 tokens of the global batch (rank 0's clock on the job "
+           "side; the plain loop's optimizer step includes gradient clipping and zero_grad, as the job's does):", "",
+           "| side | data | forward | backward | step | other | comm | total | CPU use |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    use = lambda side: f"{100 * side['cpu_use']:.0f}%" if side.get("cpu_use") else "—"  # noqa: E731
+    per_k = lambda seconds, tokens: f"{1000 * 1000 * seconds / tokens:.0f}" if tokens else "—"  # noqa: E731
+    for s in r["runs"]:
+        j, p = s["job"], s["plain"]
+        if p.get("measured_tokens"):
+            ph = p["phases_s"]
+            md.append(f"| plain PyTorch (run before the next row) | "
+                      f"{' | '.join(per_k(ph.get(k, 0.0), p['measured_tokens']) for k in PHASES[:-1])} "
+                      f"| — | — | {per_k(sum(ph.values()), p['measured_tokens'])} | {use(p)} |")
+        if j.get("measured_tokens"):
+            cells = " | ".join(per_k(j["phases_s"].get(k, 0.0), j["measured_tokens"]) for k in PHASES + ("comm",))
+            md.append(f"| job, {s['workers']} worker(s), ZeRO-{s['zero_stage']} | {cells} | "
+                      f"{per_k(j['measured_s'], j['measured_tokens'])} | {use(j)} |")
+    md += ["", "CPU use: CPU time of the training process (rank 0 on the job side) over wall time × the cores it was "
+           "given, in the same windows — below 100% when other processes (Ray's daemons and Ray Train's helper actors "
+           "on the job side, Ray's daemons on both) take a share of the machine.", "",
+           "Phase shares are of the measured training time (windows after the first): data = waiting for the "
            "next batch; other = logging, loss bookkeeping and reporting; comm = time inside DeepSpeed's collectives "
            "(comms logger), already part of backward and step. Start-up + end = the job's wall time minus training "
            "windows and evaluation/checkpoint pauses: driver data prep, worker group and engine start, final model.", ""]

@@ -89,10 +89,10 @@ class MultiTaskModel(nn.Module):
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute the backbone's (and task decoders') layer activations during backward instead of
-        keeping them: transformers' gradient checkpointing, non-reentrant (works with sharded parameters)."""
+        keeping them: transformers' activation checkpointing, non-reentrant (works with sharded parameters)."""
         kwargs = {"use_reentrant": False}
         for module in [self.backbone, *self.decoders.values()]:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
     def pooled(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         if self.kind in ("encoder", "seq2seq"):

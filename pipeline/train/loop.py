@@ -83,6 +83,15 @@ def set_clip(engine, optimizer, value: float) -> None:
         optimizer.clip_grad = value
 
 
+def skip_single_rank_allreduce(engine, world: int, stage: int) -> None:
+    """With one rank, ZeRO-0's gradient "all-reduce" still flattens every gradient into one buffer,
+    reduces it with itself and copies it back — a full pass over the gradients for an identical result
+    (measured on MiniLM, one worker: backward 20% slower than plain PyTorch's). Skipped; ZeRO 1-3 move
+    gradients into their partitions on the same path, so they keep it."""
+    if world == 1 and stage == 0:
+        engine.enable_backward_allreduce = False
+
+
 def clear_stale_grads(optimizer) -> None:
     """ZeRO-3 keeps each parameter's reduced gradient in a flat partition buffer that `zero_grad`
     does not clear, and a backward only overwrites the slices of parameters it reached. A step trains
@@ -129,6 +138,13 @@ def deepspeed_config(train: dict[str, Any], world_size: int) -> dict[str, Any]:
 
 
 _COMM_SEEN: dict[str, float] = {}
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system, all threads) this process has used: next to the wall clock it shows
+    whether training got the cores it was given or shared them with other processes."""
+    t = os.times()
+    return t.user + t.system
 
 
 def comm_seconds() -> float:
@@ -217,6 +233,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         config=deepspeed_config(train, world))
+    skip_single_rank_allreduce(engine, world, train["zero_stage"])
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # per group: head multipliers stay applied
 
     # State, restored from the latest checkpoint when the run is resumed or restarted.
@@ -246,6 +263,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     def new_window() -> dict:  # throughput counts training time only: evaluation and checkpoints are paused
         return {"start": time.perf_counter(), "paused": 0.0, "tokens": 0, "samples": 0, "losses": {t: [] for t in tasks},
+                "cpu": cpu_seconds(), "paused_cpu": 0.0,
                 "phases": dict.fromkeys(("data", "forward", "backward", "step"), 0.0)}
 
     gpu_sync = torch.cuda.synchronize if train["profile"] and torch.cuda.is_available() else (lambda: None)
@@ -321,14 +339,15 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                 busy = sum(window["phases"].values())
                 metrics.update({f"time/{k}": v for k, v in window["phases"].items()})
                 metrics.update({"time/window": seconds, "time/paused": window["paused"],
-                                "time/other": max(0.0, seconds - busy), "time/comm": comm_seconds()})
+                                "time/other": max(0.0, seconds - busy), "time/comm": comm_seconds(),
+                                "time/cpu": cpu_seconds() - window["cpu"] - window["paused_cpu"]})
             window = new_window()
             if rank == 0:
                 hidden = ("steps/", "weight/") if weighting.method == "static" else ("steps/",)
                 say(f"step {step}/{train['steps']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                                if not k.startswith(hidden)))
 
-        paused = time.perf_counter()
+        paused, paused_cpu = time.perf_counter(), cpu_seconds()
         if step % train["eval_every"] == 0 or last:
             results = last_results = evaluate(engine, model, dev, train["eval_batch_size"], pad_id, rank, world, prompts, max_new,
                                tokenizer, synced)
@@ -363,6 +382,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"step_{step:07d}")
             shutil.rmtree(folder, ignore_errors=True)
         window["paused"] += time.perf_counter() - paused
+        window["paused_cpu"] += cpu_seconds() - paused_cpu
 
     # What each rank held (model states, measured once) and its peak RSS, logged by rank 0.
     held = [None] * world
