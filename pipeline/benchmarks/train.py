@@ -48,10 +48,10 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict[str, Any]:
     cursor = {t: 0 for t in rows}
     model.train()
     every = cfg.train.log_every
-    rates, tokens, t0 = [], 0, time.perf_counter()
-    start = t0
+    start = time.perf_counter()
+    marks = [(start, cpu_seconds(), 0)]  # (wall, CPU, tokens so far) at each window's end, the start first
     phases = dict.fromkeys(PHASES[:-1], 0.0)  # over the windows after the first, as on the job side
-    measured_tokens, cpu_start, wall_start = 0, 0.0, 0.0
+    tokens = 0
     for step in range(cfg.train.steps):
         ta = time.perf_counter()
         task = sampler.next()
@@ -73,25 +73,20 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         te = time.perf_counter()
         tokens += int(b["attention_mask"].sum())
-        if step == every:  # the kept windows start here
-            cpu_start, wall_start = cpu_seconds(), ta
         if step >= every:
             for phase, seconds in zip(PHASES, (tb - ta, tc - tb, td - tc, te - td)):
                 phases[phase] += seconds
-            measured_tokens += int(b["attention_mask"].sum())
         if (step + 1) % every == 0:
-            now = time.perf_counter()
-            rates.append(tokens / (now - t0))
-            tokens, t0 = 0, now
-    kept = rates[1:]
-    cpu_used, wall = cpu_seconds() - cpu_start, time.perf_counter() - wall_start
+            marks.append((time.perf_counter(), cpu_seconds(), tokens))
+    kept = [(t1 - t0) / (w1 - w0) for (w0, _, t0), (w1, _, t1) in zip(marks[1:], marks[2:])]
+    (wall0, cpu0, tokens0), (wall1, cpu1, tokens1) = marks[1], marks[-1]  # the kept windows, end to end
     config = model.backbone.config
     embedding = model.backbone.get_input_embeddings().weight.numel()
     non_embedding = sum(p.numel() for p in model.parameters()) - embedding
     seq = sum(len(r["input_ids"]) for rs in rows.values() for r in rs) / sum(len(rs) for rs in rows.values())
     flops_token = 6.0 * non_embedding + 12.0 * config.num_hidden_layers * config.hidden_size * seq
     return {"tokens_per_s": median(kept), "windows": kept, "wall_s": time.perf_counter() - start,
-            "phases_s": phases, "measured_tokens": measured_tokens, "cpu_use": cpu_used / (wall * threads),
+            "phases_s": phases, "measured_tokens": tokens1 - tokens0, "cpu_use": (cpu1 - cpu0) / ((wall1 - wall0) * threads),
             "threads": threads, "global_batch": batch, "flops_per_token": flops_token, "mean_tokens_per_row": seq}
 
 

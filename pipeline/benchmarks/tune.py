@@ -108,8 +108,7 @@ def markdown(r: dict) -> str:
     for t in f["trials"]:
         other = by_id.get(t["trial"].rsplit("_", 1)[-1], {})
         w = " / ".join(f"{v:.2f}" for v in t["weights"].values())
-        at = "".join(f"{t.get('dev_scores', {}).get(k, t.get('dev_scores', {}).get(str(k), float('nan'))):.2f}, "
-                     for k in rung_steps)
+        at = "".join(f"{t['dev_scores'].get(k, float('nan')):.2f}, " for k in rung_steps)
         md.append(f"| {t['trial'].rsplit('_', 1)[-1]}{' (equal)' if t['baseline'] else ''} | {w} | {at}{t['steps']}, "
                   f"{t['best_score']:.2f} | {other.get('status', '—')}, {other.get('steps', '—')}, "
                   f"{other.get('best_score', float('nan')):.2f} |")
