@@ -77,6 +77,14 @@ def write_text(location: str | os.PathLike, text: str) -> None:
         fh.write(text.encode())
 
 
+def remove(location: str | os.PathLike) -> None:
+    """Delete one file (no error when it is already gone)."""
+    import pyarrow.fs as pafs
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def make_dirs(location: str | os.PathLike) -> None:
     fs, path = filesystem(location)
     fs.create_dir(path, recursive=True)

@@ -24,7 +24,7 @@ from pipeline.config import Config, config_to_dict
 from pipeline.data.preprocess import PreparedTask, prepare_tasks
 from pipeline.errors import PipelineError, Problem
 from pipeline.train.mixing import normalise_weights, sampling_ratios
-from pipeline.train.tracking import experiment_id, flatten_params, open_tracking, tracking_uri
+from pipeline.train.tracking import experiment_id, flatten_params, open_tracking, replay_spool, tracking_uri, warn
 
 TRAIN_COLUMNS = ["input_ids", "token_type_ids", "label", "target_ids"]
 
@@ -165,6 +165,25 @@ def _log_run_start(client, run_id: str, cfg: Config, prepared: dict[str, Prepare
     client.log_text(run_id, json.dumps(config_to_dict(cfg), indent=2), "config/resolved_config.json")
 
 
+def _finish_mlflow(client, run_id: str, run_dir: str, log: Callable[[str], None]) -> None:
+    """Metrics a worker could not deliver, the final model, FINISHED. The training result is safe in
+    `run_dir` whatever happens here: if the server is away, say what did not reach it and how to send it."""
+    try:
+        sent = replay_spool(client, run_id, run_dir)
+        if sent:
+            log(f"sent {sent} metrics kept during a tracking outage")
+        final = storage.join(run_dir, "final_model")
+        if storage.is_dir(final):
+            with storage.local_copy(final) as folder:
+                client.log_artifacts(run_id, str(folder), "model")
+        client.set_tag(run_id, "mtl.best_model", storage.join(run_dir, "best_model"))
+        client.set_terminated(run_id, status="FINISHED")
+    except Exception as err:  # the server went away at the very end
+        warn(f"the run finished but MLflow could not be updated ({type(err).__name__}: {str(err).splitlines()[0][:160]}): "
+             f"its models are in {run_dir}; run `python jobs/train.py --config <config> --resume "
+             f"{run_dir.rstrip('/').rsplit('/', 1)[-1]}` with the server up to send the kept metrics and the model")
+
+
 def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | None = None,
                  log: Callable[[str], None] = print, run_name: str | None = None,
                  parent_run_id: str | None = None, callbacks: list | None = None) -> TrainResult:
@@ -181,6 +200,15 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     specs = cfg.task_specs()
     check_resources(cfg)
     run_name, run_dir, previous = _run_dir(cfg, resume, run_name)
+    done = (previous or {}).get("result")
+    if done and done["steps"] >= cfg.train.steps:  # a finished run: only what MLflow may still lack
+        uri = tracking_uri(cfg.tracking.uri)
+        client, run_id = _start_mlflow(cfg, run_name, previous, uri, parent_run_id)
+        log(f"run {run_name} already finished at step {done['steps']}: nothing to train")
+        if client is not None:
+            _finish_mlflow(client, run_id, run_dir, log)
+        return TrainResult(run_name, run_dir, run_id, done["steps"], done["best_score"], done["dev_metrics"],
+                           time.monotonic() - start, uri, task_steps=done["task_steps"])
     prepared = prepare_tasks(cfg, log=log)
 
     train_rows = {t: min(p.rows("train"), cfg.tasks[t].max_rows.get("train", p.rows("train"))) for t, p in prepared.items()}
@@ -229,9 +257,12 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     )
     try:
         result = trainer.fit()
-    except Exception:
+    except BaseException as err:  # the run stays resumable (--resume); MLflow says how it ended
         if client is not None:
-            client.set_terminated(run_id, status="FAILED")
+            try:
+                client.set_terminated(run_id, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            except Exception:  # the tracking server is away too: the original error matters more
+                pass
         raise
     metrics = result.metrics or {}
     dev_metrics: dict[str, dict[str, float]] = {}
@@ -240,12 +271,11 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
             _, task, metric = key.split("/")
             dev_metrics.setdefault(task, {})[metric] = value
     task_steps = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("steps/")}
+    steps, best = int(metrics.get("step", 0)), float(metrics.get("best_score", float("nan")))
+    record = json.loads(storage.read_text(storage.join(run_dir, "run.json")))
+    record["result"] = {"steps": steps, "best_score": best, "dev_metrics": dev_metrics, "task_steps": task_steps}
+    storage.write_text(storage.join(run_dir, "run.json"), json.dumps(record, indent=2))
     if client is not None:
-        final = storage.join(run_dir, "final_model")
-        if storage.is_dir(final):
-            with storage.local_copy(final) as folder:
-                client.log_artifacts(run_id, str(folder), "model")
-        client.set_tag(run_id, "mtl.best_model", storage.join(run_dir, "best_model"))
-        client.set_terminated(run_id, status="FINISHED")
-    return TrainResult(run_name, run_dir, run_id, int(metrics.get("step", 0)), float(metrics.get("best_score", float("nan"))),
-                       dev_metrics, time.monotonic() - start, uri, task_steps=task_steps)
+        _finish_mlflow(client, run_id, run_dir, log)
+    return TrainResult(run_name, run_dir, run_id, steps, best, dev_metrics, time.monotonic() - start, uri,
+                       task_steps=task_steps)

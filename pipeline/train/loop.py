@@ -28,6 +28,7 @@ from pipeline.eval.predict import batch_plan, predict_batch
 from pipeline.model.multitask import Head, build_model
 from pipeline.model.refs import load_tokenizer
 from pipeline.model.summarize import PromptFormat, Seq2SeqFormat, pad, summary_format
+from pipeline.train.checkpoints import choose, write_manifest
 from pipeline.train.memory import model_state_bytes, peak_rss_bytes
 from pipeline.train.mixing import TaskSampler
 from pipeline.train.tracking import RunLogger
@@ -40,6 +41,12 @@ def say(line: str) -> None:
     """Progress line from rank 0. Written directly: Ray Train's patched print() would emit it twice."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
+
+
+def shout(line: str) -> None:
+    """A warning that must not scroll by unnoticed (stderr, set apart)."""
+    sys.stderr.write(f"\n!!! {line}\n\n")
+    sys.stderr.flush()
 
 
 def collate(batch: dict[str, np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
@@ -62,14 +69,19 @@ def make_batch(batch: dict[str, np.ndarray], pad_id: int, prompt: PromptFormat |
 
 
 def batches_forever(shard, batch_size: int, pad_id: int, seed: int,
-                    prompt: PromptFormat | Seq2SeqFormat | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless task-homogeneous batches from this worker's shard; reshuffled every epoch."""
+                    prompt: PromptFormat | Seq2SeqFormat | None = None, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless task-homogeneous batches from this worker's shard; reshuffled every epoch. `skip`
+    batches are passed over first: a resumed run continues at the checkpoint's place in the data
+    instead of seeing the epoch's first batches again."""
     for epoch in range(1 << 30):
         empty = True
         for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
                                         local_shuffle_buffer_size=max(256, 4 * batch_size),
                                         local_shuffle_seed=seed + epoch):
             empty = False
+            if skip:
+                skip -= 1
+                continue
             yield make_batch(batch, pad_id, prompt)
         if empty:
             raise RuntimeError("a task's training shard is empty on this worker: use fewer workers or more rows")
@@ -239,8 +251,14 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     # State, restored from the latest checkpoint when the run is resumed or restarted.
     sampler = TaskSampler(config["ratios"], cfg.seed)
     step, best_score, run_id = 0, -math.inf, config["run_id"]
+    resume_warnings: list[str] = []
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    if checkpoint:  # verified first; a corrupt latest one falls back to the previous (pipeline/train/checkpoints.py)
+        latest, checkpoint = checkpoint, choose(checkpoint, rank, lambda w: (shout(w), resume_warnings.append(w)))
+        if checkpoint is None:
+            raise RuntimeError(f"no checkpoint of this run passes verification (newest: {latest.path}; see the warnings "
+                               "above): move the broken step_* folders away to restart from the last good one, or "
+                               "start a new run")
         with checkpoint.as_directory() as folder:
             _, client = engine.load_checkpoint(folder, tag=DS_TAG)
         sampler.load_state_dict(client["sampler"])
@@ -251,14 +269,16 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         torch.set_rng_state(client["torch_rng"])
         if rank == 0:
             say(f"resumed at step {step} (sampler draw {sampler.draws}, best score {best_score:.2f})")
-    tracker = RunLogger(config["tracking_uri"], run_id) if rank == 0 else None
+    tracker = RunLogger(config["tracking_uri"], run_id, config["run_dir"]) if rank == 0 else None
+    if tracker is not None and resume_warnings:  # the fallback stays visible on the run, not only in a log
+        tracker.set_tag("mtl.resume_warning", " | ".join(resume_warnings)[:5000])
 
     prompts = {t: summary_format(model.kind, tokenizer, specs[t].prompt) for t in tasks
                if specs[t].kind == "summarization"}
     max_new = {t: cfg.max_new_tokens(specs[t]) for t in prompts}  # the task's declared summary length
     synced = train["zero_stage"] == 3 and world > 1
     iters = {t: batches_forever(ray.train.get_dataset_shard(t), train["batch_size"], pad_id, cfg.seed + rank,
-                                prompts.get(t)) for t in tasks}
+                                prompts.get(t), skip=sampler.counts[t] * train["grad_accum"]) for t in tasks}
     dev = {t: ray.get(ref) for t, ref in config["dev"].items()}
 
     def new_window() -> dict:  # throughput counts training time only: evaluation and checkpoints are paused
@@ -375,9 +395,13 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             engine.save_checkpoint(folder, tag=DS_TAG, client_state=client)
             if rank == 0:
                 with open(os.path.join(folder, "meta.json"), "w") as fh:
-                    json.dump({"step": step, "run_id": run_id, "best_score": best_score, "sampler": sampler.state_dict()}, fh)
+                    json.dump({"step": step, "world": world, "run_id": run_id, "best_score": best_score,
+                               "sampler": sampler.state_dict()}, fh)
+            write_manifest(folder, rank)  # last: what this rank wrote, checked before any resume loads it
             report = {"step": step, "best_score": best_score, **{f"steps/{t}": c for t, c in sampler.counts.items()},
                       **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
+            if tracker is not None:
+                tracker.flush_or_spool()
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"step_{step:07d}")
             shutil.rmtree(folder, ignore_errors=True)
@@ -399,4 +423,4 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                   files={"dev_predictions.json": {t: {"predictions": p, "references": r}
                                                   for t, (p, r) in last_results.items()}})
     if tracker is not None:
-        tracker.flush()
+        tracker.flush_or_spool()

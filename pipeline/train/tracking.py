@@ -8,6 +8,7 @@ server stops the job before training starts.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -98,17 +99,36 @@ def open_tracking(uri: str, required: bool, doing: str = "training"):
     return MlflowClient(uri)
 
 
-class RunLogger:
-    """Rank 0's handle on the driver's run: metrics by step, buffered across outages."""
+SPOOL = "tracking_spool.jsonl"  # in the run folder: metrics the server never received
 
-    def __init__(self, uri: str | None, run_id: str | None):
-        self.run_id = run_id
+
+class RunLogger:
+    """Rank 0's handle on the driver's run: metrics by step, kept across tracking outages.
+
+    A failed send keeps the metrics (with their steps and timestamps) and training goes on. While the
+    server is away, sending is retried at most every `retry_s` seconds and each attempt fails fast (no
+    MLflow retries with backoff, which would stall the step for minutes): an outage costs training one
+    quick failed request per interval. When the server answers again, everything kept is sent in
+    order. `flush_or_spool()` (at checkpoints and at the end) writes what the server still refuses to
+    `<run dir>/tracking_spool.jsonl`, which the driver sends (`replay_spool`) once the server answers."""
+
+    def __init__(self, uri: str | None, run_id: str | None, run_dir: str | None = None, retry_s: float = 15.0):
+        self.run_id, self.run_dir, self.retry_s = run_id, run_dir, retry_s
         self.client = None
         self.pending: list = []
+        self.tags: dict[str, str] = {}
         self.failures = 0
+        self.next_try = 0.0
         if uri and run_id:
             from mlflow.tracking import MlflowClient
+            # This process (a training worker) talks to MLflow through this object only.
+            os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
             self.client = MlflowClient(uri)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.client is not None:
+            self.tags[key] = value
+            self.flush()
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.client is None:
@@ -117,17 +137,57 @@ class RunLogger:
         now = int(time.time() * 1000)
         self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.pending = self.pending[-MAX_PENDING:]
-        self.flush()
+        if time.monotonic() >= self.next_try:
+            self.flush()
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Send everything kept; True when nothing is left."""
+        from mlflow.entities import RunTag
         try:
-            for i in range(0, len(self.pending), 1000):  # MLflow's batch limit
-                self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000])
+            if self.tags:
+                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self.tags.items()])
+                self.tags = {}
+            while self.pending:  # in MLflow's batch size; what was sent is dropped at once
+                self.client.log_batch(self.run_id, metrics=self.pending[:1000])
+                self.pending = self.pending[1000:]
             if self.failures:
-                warn(f"tracking is back; {len(self.pending)} buffered metrics sent")
-            self.pending, self.failures = [], 0
+                warn(f"tracking is back after {self.failures} failed attempts; the buffered metrics were sent")
+            self.failures = 0
+            return True
         except Exception as err:
             self.failures += 1
+            self.next_try = time.monotonic() + self.retry_s
             if self.failures == 1 or self.failures % 20 == 0:
                 warn(f"cannot log to run {self.run_id} ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-                     f"training goes on, {len(self.pending)} metrics buffered")
+                     f"training goes on, {len(self.pending)} metrics kept, next attempt in {self.retry_s:g}s")
+            return False
+
+    def flush_or_spool(self) -> None:
+        """Send what is kept; what the server still refuses goes to the run folder's spool (called at
+        every checkpoint and at the end, so metrics up to a checkpoint survive a worker's death)."""
+        if self.client is None or self.flush() or not self.run_dir:
+            return
+        from pipeline import storage
+        lines = [json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step})
+                 for m in self.pending]
+        spool = storage.join(self.run_dir, SPOOL)
+        previous = storage.read_text(spool) if storage.is_file(spool) else ""
+        storage.write_text(spool, previous + "".join(line + "\n" for line in lines))
+        self.pending = []
+        warn(f"{len(lines)} metrics the server did not take are kept in {spool}; they are sent when the run ends "
+             "or is resumed with the server up")
+
+
+def replay_spool(client, run_id: str, run_dir: str) -> int:
+    """Send the metrics a worker could not deliver (`RunLogger.close`) and delete the spool; the number sent."""
+    from mlflow.entities import Metric
+
+    from pipeline import storage
+    spool = storage.join(run_dir, SPOOL)
+    if not storage.is_file(spool):
+        return 0
+    metrics = [Metric(**json.loads(line)) for line in storage.read_text(spool).splitlines() if line.strip()]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+    storage.remove(spool)
+    return len(metrics)
