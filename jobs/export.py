@@ -27,9 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", required=True, type=Path, help="where to write the model folder")
     args = parser.parse_args(argv)
-    steps = sorted(args.run.expanduser().glob("step_*"))
+    from pipeline.train.checkpoints import checkpoint_order, step_of
+    steps = sorted((p for p in args.run.expanduser().glob("step_*") if step_of(p.name) is not None), key=checkpoint_order)
     if args.step is not None:
-        steps = [p for p in steps if p.name == f"step_{args.step:07d}"]
+        steps = [p for p in steps if step_of(p.name) == args.step]
     if not steps:
         raise PipelineError.one(str(args.run), f"no checkpoint{'' if args.step is None else f' for step {args.step}'}",
                                 f"choose one of: {', '.join(p.name for p in sorted(args.run.glob('step_*'))) or 'none'}")

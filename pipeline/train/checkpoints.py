@@ -10,7 +10,9 @@ Resuming: rank 0 verifies the latest checkpoint — meta.json readable, every ra
 every file there with the recorded size and hash, every pickle loadable with
 `torch.load(weights_only=True)` allowing only DeepSpeed's three state classes — and, if it fails, falls
 back to the newest older `step_*` that passes, with a warning naming what was wrong. Every rank then
-loads the checkpoint rank 0 chose. The failed checkpoint is left in place for inspection.
+loads the checkpoint rank 0 chose. The failed checkpoint stays until Ray Train's retention
+(`train.keep_checkpoints`) retires it; steps redone after a restart checkpoint into `step_N.rK`, never
+into an existing folder.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 MANIFEST_DIR = "manifest"
-STEP_DIR = re.compile(r"^step_(\d+)$")
+STEP_DIR = re.compile(r"^step_(\d+)(?:\.r(\d+))?$")  # step_0000012, or step_0000012.r1 when a restart redid step 12
 
 
 def _sha256(path: Path) -> str:
@@ -94,28 +96,48 @@ def step_of(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def candidates(latest):
-    """The latest checkpoint (a ray.train.Checkpoint), then the older `step_*` folders beside it, newest first."""
-    import pyarrow.fs as pafs
-    from ray.train import Checkpoint
+def checkpoint_order(path: str | os.PathLike) -> tuple[int, int]:
+    match = STEP_DIR.match(os.path.basename(str(path).rstrip("/")))
+    return int(match.group(1)), int(match.group(2) or 0)
 
-    parent, latest_step = os.path.dirname(latest.path.rstrip("/")), step_of(latest.path)
-    found = [latest]
-    if latest_step is None:
-        return found
+
+def dir_name(step: int, taken: set[str]) -> str:
+    """The folder name for a checkpoint at `step`: `step_NNNNNNN`, or with `.rK` when a restart redoes a
+    step whose folder exists already (Ray Train would otherwise delete the new checkpoint's folder when it
+    retires the old one of the same name)."""
+    name, k = f"step_{step:07d}", 0
+    while (name if k == 0 else f"{name}.r{k}") in taken:
+        k += 1
+    return name if k == 0 else f"{name}.r{k}"
+
+
+def checkpoint_dirs(latest) -> list[str]:
+    """Every `step_*` folder beside the checkpoint `latest` (a ray.train.Checkpoint), newest first."""
+    import pyarrow.fs as pafs
+    parent = os.path.dirname(latest.path.rstrip("/"))
     infos = latest.filesystem.get_file_info(pafs.FileSelector(parent))
-    older = sorted(((step_of(i.path), i.path) for i in infos if i.type == pafs.FileType.Directory
-                    and step_of(i.path) is not None and step_of(i.path) < latest_step), reverse=True)
-    return found + [Checkpoint(path, filesystem=latest.filesystem) for _, path in older]
+    return sorted((i.path for i in infos if i.type == pafs.FileType.Directory and step_of(i.path) is not None),
+                  key=checkpoint_order, reverse=True)
+
+
+def candidates(latest):
+    """The latest checkpoint, then the older `step_*` folders beside it, newest first."""
+    from ray.train import Checkpoint
+    if step_of(latest.path) is None:
+        return [latest]
+    older = [p for p in checkpoint_dirs(latest) if checkpoint_order(p) < checkpoint_order(latest.path)]
+    return [latest] + [Checkpoint(path, filesystem=latest.filesystem) for path in older]
 
 
 def choose(latest, rank: int, warn: Callable[[str], None]):
-    """The checkpoint to resume from: rank 0 verifies the candidates, every rank gets its choice (a
-    collective: every rank calls it). None when no checkpoint passes."""
+    """(the checkpoint to resume from, the names of the run's checkpoint folders). Rank 0 verifies the
+    candidates and every rank gets its choice (a collective: every rank calls it). No checkpoint passes:
+    (None, names)."""
     import torch.distributed as dist
 
-    choice = [None]
+    choice: list = [None, []]
     if rank == 0:
+        choice[1] = [os.path.basename(p.rstrip("/")) for p in checkpoint_dirs(latest)]
         for checkpoint in candidates(latest):
             with checkpoint.as_directory() as folder:
                 problem = verify(folder)
@@ -125,6 +147,7 @@ def choose(latest, rank: int, warn: Callable[[str], None]):
             warn(f"checkpoint {checkpoint.path} is unusable: {problem}; trying the previous one")
     dist.broadcast_object_list(choice, src=0)
     if choice[0] is None:
-        return None
+        return None, set(choice[1])
     from ray.train import Checkpoint
-    return latest if choice[0] == latest.path else Checkpoint(choice[0], filesystem=latest.filesystem)
+    chosen = latest if choice[0] == latest.path else Checkpoint(choice[0], filesystem=latest.filesystem)
+    return chosen, set(choice[1])

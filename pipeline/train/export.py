@@ -13,19 +13,18 @@ import json
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.train.checkpoints import safe_torch_load, verify
 
 DS_TAG = "ds"
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict:
-    import torch
     folder = checkpoint / DS_TAG
     if list(folder.glob("*optim_states.pt")) and list(folder.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
-    # ZeRO-0: one full copy of the module, written by rank 0. DeepSpeed's own file format (it also
-    # holds the client state) needs full unpickling; it is a file this project wrote.
-    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    # ZeRO-0: one full copy of the module, written by rank 0 (weights_only, DeepSpeed's state classes allowed).
+    states = safe_torch_load(folder / "mp_rank_00_model_states.pt")
     return {k: v.float() for k, v in states["module"].items()}
 
 
@@ -40,6 +39,10 @@ def consolidate_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     if not (checkpoint / DS_TAG).is_dir() or not run_json.is_file():
         raise PipelineError.one(str(checkpoint), "not a training checkpoint of this project (no ds/ or ../run.json)",
                                 "pass a step_NNNNNNN folder inside a run folder")
+    problem = verify(checkpoint)  # DeepSpeed's zero_to_fp32 unpickles fully: only verified files get that far
+    if problem:
+        raise PipelineError.one(str(checkpoint), f"checkpoint failed verification: {problem}",
+                                "export an earlier step (--step), or check the storage the run was written to")
     run = json.loads(run_json.read_text())
     cfg = Config.model_validate(run["config"])
     specs = cfg.task_specs()

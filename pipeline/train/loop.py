@@ -28,7 +28,7 @@ from pipeline.eval.predict import batch_plan, predict_batch
 from pipeline.model.multitask import Head, build_model
 from pipeline.model.refs import load_tokenizer
 from pipeline.model.summarize import PromptFormat, Seq2SeqFormat, pad, summary_format
-from pipeline.train.checkpoints import choose, write_manifest
+from pipeline.train.checkpoints import choose, dir_name, write_manifest
 from pipeline.train.memory import model_state_bytes, peak_rss_bytes
 from pipeline.train.mixing import TaskSampler
 from pipeline.train.tracking import RunLogger
@@ -252,9 +252,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     sampler = TaskSampler(config["ratios"], cfg.seed)
     step, best_score, run_id = 0, -math.inf, config["run_id"]
     resume_warnings: list[str] = []
+    taken: set[str] = set()  # checkpoint folder names that exist already (a restart redoes their steps)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # verified first; a corrupt latest one falls back to the previous (pipeline/train/checkpoints.py)
-        latest, checkpoint = checkpoint, choose(checkpoint, rank, lambda w: (shout(w), resume_warnings.append(w)))
+        latest = checkpoint
+        checkpoint, taken = choose(latest, rank, lambda w: (shout(w), resume_warnings.append(w)))
         if checkpoint is None:
             raise RuntimeError(f"no checkpoint of this run passes verification (newest: {latest.path}; see the warnings "
                                "above): move the broken step_* folders away to restart from the last good one, or "
@@ -403,7 +405,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if tracker is not None:
                 tracker.flush_or_spool()
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"step_{step:07d}")
+                             checkpoint_dir_name=dir_name(step, taken))
             shutil.rmtree(folder, ignore_errors=True)
         window["paused"] += time.perf_counter() - paused
         window["paused_cpu"] += cpu_seconds() - paused_cpu
