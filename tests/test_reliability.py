@@ -210,3 +210,68 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, cach
     assert sorted(steps) == list(range(1, 16)) and {s for s, c in steps.items() if c == 2} == set(range(7, 13))
     # The redone steps checkpointed beside the broken folder, not into it (Ray Train retires old folders by name).
     assert sorted(p.name for p in run.glob("step_*")) == ["step_0000012.r1", "step_0000015"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1 (sqlite store, served artifacts), ready to answer."""
+    import urllib.request
+    log = open(tmp / "mlflow-server.log", "a")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination",
+                               str(tmp / "artifacts"), "--serve-artifacts", "--workers", "1"],
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200:
+                return server
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(server.pid, signal.SIGKILL)
+    raise AssertionError("mlflow server did not start: " + (tmp / "mlflow-server.log").read_text()[-2000:])
+
+
+def test_tracking_outage_loses_no_metrics(tmp_path, cache_dir):
+    """The MLflow server is killed after step 5 and started again once training has checkpointed step 20
+    without it: training never stops, and every metric of the outage reaches the server afterwards."""
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_mlflow_server(tmp_path, port)
+    cfg = load_config(None, _overrides(tmp_path, cache_dir, "train.num_workers=1", "train.cpus_per_worker=1",
+                                       "train.steps=60", "train.checkpoint_every=10", "train.eval_every=20",
+                                       f"tracking.uri={uri}"))
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=train_driver(cfg, log=lambda _: None)), daemon=True)
+    try:
+        thread.start()
+        run_id = _run_id(tmp_path / "runs")
+        _wait_for_step(uri, run_id, 5)
+        os.killpg(server.pid, signal.SIGKILL)  # the whole server (uvicorn and its worker)
+        server.wait()
+        down_at = _registered_step(tmp_path / "runs")
+        _wait_for_checkpoint(tmp_path / "runs", 20)  # training went on without the server
+        assert thread.is_alive()
+        server = _start_mlflow_server(tmp_path, port)
+        thread.join(timeout=600)
+        result = outcome["result"]
+        assert result.steps == 60
+
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(uri)
+        assert [s for s, _ in _history(uri, run_id, "loss/total")] == list(range(1, 61))  # each step exactly once
+        assert [s for s, _ in _history(uri, run_id, "dev/score")] == [20, 40, 60]
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert {"model/mtl_model.json", "model/heads.safetensors"} <= {a.path for a in client.list_artifacts(run_id, "model")}
+        assert not list((tmp_path / "runs").glob("*/tracking_spool.jsonl"))  # whatever was spooled was sent
+        print(f"\nserver down from step ~{max(down_at, 5)} until checkpoint 20 was written; all 60 steps on the server")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
