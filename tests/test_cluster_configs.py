@@ -105,7 +105,9 @@ def test_kuberay_rayjob_manifest_runs_the_project_runtime_env():
     assert cfg.train.use_gpu and gpus_now == cfg.train.num_workers
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     project = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    own = runtime_env["env_vars"].pop("MTL_AUTOSCALER_CONFIG")  # the RayJob knows its own maximum
     assert runtime_env["excludes"] == project["excludes"] and runtime_env["env_vars"] == project["env_vars"]
+    assert (ROOT / own).resolve() == (CLUSTER / "kuberay" / "rayjob.yaml").resolve()
     assert runtime_env["working_dir"] == "/home/ray/mtl-pipeline"
     assert "WORKDIR /home/ray/mtl-pipeline" in (CLUSTER / "Dockerfile").read_text()
     assert spec["shutdownAfterJobFinishes"] is True

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -275,3 +274,34 @@ def test_tracking_outage_loses_no_metrics(tmp_path, cache_dir):
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("config, gpus", [("cluster/aws.yaml", 16), ("cluster/kuberay/raycluster.yaml", 16),
+                                          ("cluster/kuberay/rayjob.yaml", 8)])
+def test_requests_beyond_the_autoscaler_maximum_fail_fast(tmp_path, cache_dir, monkeypatch, config, gpus):
+    """The shipped cluster configs' maximum GPUs; one worker more fails at once with both numbers, as many
+    as the maximum pass the check (the autoscaler would add the nodes)."""
+    from pipeline.errors import PipelineError
+    from pipeline.train.driver import check_resources
+    monkeypatch.setenv("MTL_AUTOSCALER_CONFIG", str(ROOT / config))
+    too_many = load_config(None, _overrides(tmp_path, cache_dir, f"train.num_workers={gpus + 1}", "train.use_gpu=true",
+                                            "train.cpus_per_worker=1"))
+    with pytest.raises(PipelineError) as info:
+        check_resources(too_many)
+    assert [str(p) for p in info.value.problems] == [
+        f"train.use_gpu: {gpus + 1} workers need {gpus + 1} GPUs, but the autoscaler's maximum ({ROOT / config}) is "
+        f"{gpus} — use fewer workers, or train.use_gpu=false"]
+    check_resources(load_config(None, _overrides(tmp_path, cache_dir, f"train.num_workers={gpus}", "train.use_gpu=true",
+                                                 "train.cpus_per_worker=1")))
+
+
+def test_launcher_maximum_respects_the_global_worker_cap():
+    from pipeline.capacity import _launcher_capacity
+    config = {"max_workers": 3, "head_node_type": "head",
+              "available_node_types": {"head": {"resources": {"CPU": 4}},
+                                       "gpu": {"max_workers": 2, "resources": {"CPU": 48, "GPU": 4}},
+                                       "cpu": {"max_workers": 8, "resources": {"CPU": 16}}}}
+    # GPUs: both GPU nodes; CPUs: the two 48-CPU nodes, then one 16-CPU node (3 worker nodes at most).
+    assert _launcher_capacity(config) == {"CPU": 4 + 2 * 48 + 16, "GPU": 8}
+    del config["available_node_types"]["cpu"]["resources"]  # left to the launcher to detect: unknown here
+    assert _launcher_capacity(config) is None

@@ -43,19 +43,23 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def check_resources(cfg: Config) -> None:
-    """Fail fast when the cluster can never hold the worker group (instead of waiting forever)."""
-    import ray
-    total = ray.cluster_resources()
+def check_resources(cfg: Config, log: Callable[[str], None] = print) -> None:
+    """Fail fast when the cluster can never hold the worker group, autoscaler maximum included
+    (pipeline/capacity.py), instead of waiting forever on a placement group."""
+    from pipeline.capacity import cluster_capacity
+    capacity, source = cluster_capacity()
+    if capacity is None:
+        log(f"resources: not checked ({source})")
+        return
     need_cpu = cfg.train.num_workers * cfg.train.cpus_per_worker
     problems = []
-    if need_cpu > total.get("CPU", 0):
+    if need_cpu > capacity.get("CPU", 0):
         problems.append(Problem("train.num_workers", f"{cfg.train.num_workers} workers × {cfg.train.cpus_per_worker:g} CPU "
-                                f"= {need_cpu:g} CPUs, but the cluster has {total.get('CPU', 0):g}",
+                                f"= {need_cpu:g} CPUs, but {source} {capacity.get('CPU', 0):g}",
                                 "use fewer workers or a smaller train.cpus_per_worker"))
-    if cfg.train.use_gpu and cfg.train.num_workers > total.get("GPU", 0):
+    if cfg.train.use_gpu and cfg.train.num_workers > capacity.get("GPU", 0):
         problems.append(Problem("train.use_gpu", f"{cfg.train.num_workers} workers need {cfg.train.num_workers} GPUs, "
-                                f"but the cluster has {total.get('GPU', 0):g}", "use fewer workers, or train.use_gpu=false"))
+                                f"but {source} {capacity.get('GPU', 0):g}", "use fewer workers, or train.use_gpu=false"))
     if problems:
         raise PipelineError(problems)
 
@@ -198,7 +202,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
 
     start = time.monotonic()
     specs = cfg.task_specs()
-    check_resources(cfg)
+    check_resources(cfg, log)
     run_name, run_dir, previous = _run_dir(cfg, resume, run_name)
     done = (previous or {}).get("result")
     if done and done["steps"] >= cfg.train.steps:  # a finished run: only what MLflow may still lack
