@@ -57,6 +57,10 @@ class DataConfig(Strict):
     """Seed of the hash that carves train/validation/test out of sources that lack them."""
     batch_rows: int = Field(1024, ge=1)
     """Rows per Ray Data batch when normalising and tokenizing."""
+    max_bad_labels: float = Field(0.25, ge=0, le=1)
+    """Largest share of a split's rows whose label is unparsable or out of range. Up to it such rows are
+    dropped and counted (manifest.json); above it the label mapping is taken to be wrong and preprocessing
+    stops with an error naming the task, the file and example rows."""
 
     @field_validator("glue_dir", "cache_dir", "cache_path", mode="after")
     @classmethod
@@ -381,6 +385,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
+        if isinstance(err, yaml.constructor.ConstructorError):  # e.g. !!python/object: never constructed
+            raise PipelineError.one(where, f"YAML tag not allowed ({getattr(err, 'problem', err)}); configs are read "
+                                    "with yaml.safe_load", "write a plain YAML value (string, number, list, mapping)") from None
         raise PipelineError.one(where, f"not valid YAML ({getattr(err, 'problem', err)})",
                                 "fix the YAML syntax at that line") from None
     if not isinstance(raw, dict):

@@ -169,6 +169,7 @@ def _prepare(cfg: Config, spec: TaskSpec, resolved: ResolvedSource, tokenizer_fp
         ds.write_parquet(str(tmp), partition_cols=["split"])
         counts, examples = _count(tmp)
         _check_not_empty(spec, counts)
+        _check_labels(spec, counts, examples, resolved, cfg.data.max_bad_labels)
         seconds = time.monotonic() - start
         manifest = {
             "key": key, "task": spec.name, "kind": spec.kind, "source": resolved.description,
@@ -226,6 +227,26 @@ def _check_not_empty(spec: TaskSpec, counts: dict) -> None:
         reasons = _fmt_reasons({r: n for c in counts.values() for r, n in c["dropped"].items()}) or "no rows at all"
         raise PipelineError.one(f"tasks.{spec.name}", f"no usable rows left in {', '.join(empty)} (dropped: {reasons})",
                                 "check the column mapping, label names and the files themselves")
+
+
+def _check_labels(spec: TaskSpec, counts: dict, examples: list, resolved: ResolvedSource, limit: float) -> None:
+    """Too many unusable labels means a wrong label mapping, not a few bad rows: an error per split."""
+    problems = []
+    for split, c in counts.items():
+        bad = c["dropped"].get("bad_label", 0) + c["dropped"].get("label_out_of_range", 0)
+        if bad and bad > limit * c["rows"]:
+            rows = [e for e in examples if e["split"] == split and e["drop_reason"] in ("bad_label", "label_out_of_range")]
+            where = ", ".join(map(str, resolved.files.get(split, []))) or resolved.description
+            expected = (f"names {spec.label_names}" if spec.label_names else f"0..{spec.num_labels - 1}"
+                        if spec.kind == "classification" else f"within {spec.label_range}")
+            problems.append(Problem(
+                f"{where} (task {spec.name}, split {split})",
+                f"{bad:,} of {c['rows']:,} rows have labels that are not {expected} (e.g. rows "
+                + ", ".join(f"{e['id']} {e['text'][:40]!r}" for e in rows[:3]) + ")",
+                f"fix the label column or the task's label_names/num_labels/label_range; up to data.max_bad_labels="
+                f"{limit:g} of a split such rows are dropped and counted instead"))
+    if problems:
+        raise PipelineError(problems)
 
 
 def _check_pinned(folder: Path, task: str, tokenizer_fp: str, model: str) -> None:

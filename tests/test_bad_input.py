@@ -1,0 +1,146 @@
+"""Bad input, one case per test: the job exits with status 2 and prints one line per problem in the
+format of README "Errors" (`<where>: <what is wrong> — <how to fix>`), naming the config key, file or
+row and the fix — and everything written before (preprocessed caches, a pinned cache, checkpoints, the
+MLflow runs and the registry) is untouched: every file byte for byte, every run, version and alias."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+pytestmark = pytest.mark.usefixtures("ray_session")
+PROBLEM = re.compile(r"^(?P<where>\S.*?): (?P<what>.+) — (?P<fix>.+)$")
+TASKS = "{rotten_tomatoes: {max_rows: {train: 64, validation: 32}}, bbc_news: {max_rows: {train: 64, validation: 32}}}"
+MODEL = "bad-input-tiny"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Work a user would not want to lose: a finished run (checkpoint, models, MLflow run), its keyed
+    cache, a pinned cache, and a registered model version with the alias `champion`."""
+    import preprocess
+    import register
+    import train
+
+    ws = tmp_path_factory.mktemp("workspace")
+    base = [f"tasks={TASKS}", "name=ws", "model.name=tiny-bert", "train.num_workers=1", "train.cpus_per_worker=1",
+            "train.steps=4", "train.eval_every=4", "train.checkpoint_every=4", "train.batch_size=8",
+            f"train.storage_path={ws / 'runs'}", f"tracking.uri=sqlite:///{ws / 'mlflow.db'}",
+            f"data.cache_dir={ws / 'cache'}"]
+    (ws / "base.yaml").write_text("name: ws\n")
+    assert train.main(["--config", str(ws / "base.yaml"), *base]) == 0
+    assert preprocess.main(["--config", str(ws / "base.yaml"), *base, f"data.cache_path={ws / 'pinned'}"]) == 0
+    run = next((ws / "runs").glob("ws-*/run.json")).parent
+    assert register.main(["--run", str(run), "--name", MODEL, "--alias", "champion",
+                          "--tracking-uri", f"sqlite:///{ws / 'mlflow.db'}"]) == 0
+    return {"dir": ws, "base": base, "run": run}
+
+
+def _state(ws: Path) -> dict:
+    """Every file's hash (caches, runs, checkpoints; the MLflow database is compared through MLflow) and
+    MLflow's view: runs with status and metric histories, registered versions and aliases."""
+    from mlflow.tracking import MlflowClient
+    files = {str(p.relative_to(ws)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ws.rglob("*"))
+             if p.is_file() and not p.name.startswith("mlflow.db")}
+    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    runs = {}
+    for exp in client.search_experiments():
+        for r in client.search_runs([exp.experiment_id]):
+            runs[r.info.run_id] = (r.info.status, {k: len(client.get_metric_history(r.info.run_id, k)) for k in r.data.metrics})
+    model = client.get_registered_model(MODEL)
+    versions = sorted((v.version, v.run_id) for v in client.search_model_versions(f"name='{MODEL}'"))
+    return {"files": files, "runs": runs, "aliases": dict(model.aliases), "versions": versions}
+
+
+def _user_task(tmp: Path, rows: str, columns: str = "{text: text, label: label}") -> str:
+    (tmp / "mine.tsv").write_text(rows)
+    return (f"tasks={{mine: {{define: {{kind: classification, format: tsv, files: {{train: {tmp / 'mine.tsv'}}}, "
+            f"columns: {columns}, label_names: [neg, pos]}}}}}}")
+
+
+def _other_tokenizer(tmp: Path) -> Path:
+    """MiniLM's tokenizer files with another max length: a different tokenizer fingerprint (tiny-bert's is MiniLM's)."""
+    import shutil
+
+    from pipeline.model.refs import resolve_model
+    src, other = resolve_model("minilm-l6").path, tmp / "other-tokenizer"
+    other.mkdir()
+    for name in ("config.json", "tokenizer.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, other / name)
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 64}))
+    return other
+
+
+# (case id, job, argv builder (workspace, tmp) -> (argv, files to create), where the first line points, fix words)
+CASES = {
+    "malformed_yaml": ("train", lambda w, t: (["--config", str(t / "c.yaml")], {"c.yaml": "train:\n  steps: [1, 2\n"}),
+                       "c.yaml:", "YAML"),
+    "unknown_key": ("train", lambda w, t: (["train.stepz=5"], {}), "train.stepz", "steps"),
+    "wrong_type": ("train", lambda w, t: (["train.steps=many"], {}), "train.steps", "whole number"),
+    "negative_weight": ("train", lambda w, t: (["tasks.rotten_tomatoes.weight=-1"], {}),
+                        "tasks.rotten_tomatoes.weight", "0"),
+    "all_zero_weights": ("train", lambda w, t: (["tasks.rotten_tomatoes.weight=0", "tasks.bbc_news.weight=0"], {}),
+                         "tasks", "weight"),
+    "ratios_do_not_normalise": ("train", lambda w, t: (["sampling.strategy=explicit", "tasks.rotten_tomatoes.ratio=0",
+                                                        "tasks.bbc_news.ratio=0"], {}), "tasks", "ratio"),
+    "unknown_task": ("train", lambda w, t: (["tasks={rotten_tomatos: {}}"], {}), "tasks.rotten_tomatos", "rotten_tomatoes"),
+    "missing_data_file": ("preprocess", lambda w, t: ([_user_task(t, "").replace("mine.tsv", "gone.tsv")], {}),
+                          "gone.tsv", "file"),
+    "wrong_columns": ("preprocess", lambda w, t: ([_user_task(t, "sentence\tlabel\ngood\tpos\n")], {}),
+                      "mine.tsv:1", "columns.text"),
+    "labels_out_of_range": ("preprocess", lambda w, t: ([_user_task(t, "text\tlabel\na\tpos\nb\tneutral\nc\tneutral\n"
+                                                                       "d\tneg\n")], {}), "mine.tsv", "label_names"),
+    "empty_after_filtering": ("preprocess", lambda w, t: ([_user_task(t, "text\tlabel\n\tpos\n \tneg\n")], {}),
+                              "tasks.mine", "column mapping"),
+    "model_offline": ("train", lambda w, t: (["model.name=some-org/not-on-this-machine"], {}), "model.name", ""),
+    "pinned_cache_other_tokenizer": ("preprocess", lambda w, t: ([f"data.cache_path={w / 'pinned'}",
+                                                                  f"model.name={_other_tokenizer(t)}"], {}),
+                                     "data.cache_path", "unset data.cache_path"),
+    "zero_stage_invalid": ("train", lambda w, t: (["train.zero_stage=4"], {}), "train.zero_stage", "0"),
+    "offload_without_zero": ("train", lambda w, t: (["train.zero_stage=0", "train.offload_optimizer=true"], {}),
+                             "train.offload_optimizer", "train.zero_stage"),
+    "tracking_required_unreachable": ("train", lambda w, t: (["tracking.uri=http://127.0.0.1:9", "tracking.required=true"], {}),
+                                      "tracking.uri", "tracking.required=false"),
+    "registry_alias_missing_version": ("register", lambda w, t: (["--name", MODEL, "--promote", "9", "--tracking-uri",
+                                                                  f"sqlite:///{w / 'mlflow.db'}"], {}), "--promote", ""),
+    "unsafe_yaml_tag": ("train", lambda w, t: (["--config", str(t / "c.yaml")],
+                                               {"c.yaml": f"name: !!python/object/apply:os.system ['touch {t / 'pwned'}']\n"}),
+                        "c.yaml:", "plain YAML value"),
+    "resources_never_available": ("train", lambda w, t: (["train.num_workers=8"], {}), "train.num_workers", "fewer workers"),
+    "resume_unknown_run": ("train", lambda w, t: (["--resume", "ws-00000000"], {}), "--resume", "ws-"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line_per_problem_and_loses_nothing(case, workspace, tmp_path, capsys):
+    job_name, build, where, fix = CASES[case]
+    ws = workspace["dir"]
+    job = __import__(job_name)
+    argv, files = build(ws, tmp_path)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    if job_name in ("train", "preprocess"):
+        config = [] if "--config" in argv else ["--config", str(ws / "base.yaml")]
+        argv = config + workspace["base"] + argv
+    before = _state(ws)
+    capsys.readouterr()
+
+    assert job.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("ray: connected")]
+    assert lines, f"no problem printed for {case}"
+    for line in lines:
+        assert PROBLEM.match(line), f"not `<where>: <what> — <fix>`: {line!r}"
+    assert any(PROBLEM.match(line)["where"].startswith(where) or where in PROBLEM.match(line)["where"] for line in lines), lines
+    assert any(fix.lower() in PROBLEM.match(line)["fix"].lower() for line in lines), lines
+    assert _state(ws) == before  # nothing written before was changed, and no run, version or alias appeared
+    assert not (tmp_path / "pwned").exists()
+    print(f"\n{case}: " + " | ".join(lines))
