@@ -9,6 +9,7 @@ every problem as `<key>: <what> — <fix>`. Relative paths are relative to the w
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -276,6 +277,9 @@ class TrainConfig(Strict):
         return self
 
 
+CREDENTIALS_IN_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]+@")
+
+
 class TrackingConfig(Strict):
     uri: str | None = None
     """MLflow tracking URI. Unset: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
@@ -283,6 +287,15 @@ class TrackingConfig(Strict):
     """MLflow experiment name (default: the config's `name`)."""
     required: bool = False
     """Fail before training when the tracking server cannot be reached (otherwise: warn and train on)."""
+
+    @field_validator("uri", mode="after")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        if v is not None and CREDENTIALS_IN_URI.match(v):
+            raise _Problems([Problem("tracking.uri", "holds credentials (user:password@host), which would be logged and printed",
+                                     "remove them from the URI and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                                     "(or MLFLOW_TRACKING_TOKEN) in the environment")])
+        return v
 
 
 class Config(Strict):

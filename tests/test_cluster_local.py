@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
@@ -96,6 +97,17 @@ def test_jobs_submitted_to_the_local_cluster_track_into_the_mlflow_server(local_
     assert again.returncode == 0 and again.stdout.count("already running") == 2, again.stdout
     status = _run(["bash", "cluster/local/status.sh"], env, timeout=120)
     assert status.returncode == 0 and "ray:    up" in status.stdout and "mlflow: up" in status.stdout
+
+    # Security: the dashboard/job server and MLflow listen on 127.0.0.1 only, and Ray's token auth is on
+    # (a request without the token is refused).
+    import psutil
+    for name in ("RAY_DASHBOARD_PORT", "MLFLOW_PORT"):
+        port = local_cluster["ports"][name]
+        binds = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        assert binds == {"127.0.0.1"}, (name, binds)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{local_cluster['dashboard']}/api/jobs/", timeout=30)
+    assert refused.value.code in (401, 403)
 
     storage = f"file://{tmp / 'store'}"  # run storage through a pyarrow filesystem URI
     submission = f"cluster-it-{uuid.uuid4().hex[:6]}"

@@ -24,7 +24,7 @@ from pipeline.config import Config, config_to_dict
 from pipeline.data.preprocess import PreparedTask, prepare_tasks
 from pipeline.errors import PipelineError, Problem
 from pipeline.train.mixing import normalise_weights, sampling_ratios
-from pipeline.train.tracking import experiment_id, flatten_params, open_tracking, replay_spool, tracking_uri, warn
+from pipeline.train.tracking import experiment_id, flatten_params, open_tracking, redact, replay_spool, tracking_uri, warn
 
 TRAIN_COLUMNS = ["input_ids", "token_type_ids", "label", "target_ids"]
 
@@ -166,7 +166,7 @@ def _log_run_start(client, run_id: str, cfg: Config, prepared: dict[str, Prepare
     client.log_inputs(run_id, datasets=inputs)
     if config_path:
         client.log_artifact(run_id, config_path, "config")
-    client.log_text(run_id, json.dumps(config_to_dict(cfg), indent=2), "config/resolved_config.json")
+    client.log_text(run_id, json.dumps(redact(config_to_dict(cfg)), indent=2), "config/resolved_config.json")
 
 
 def _finish_mlflow(client, run_id: str, run_dir: str, log: Callable[[str], None]) -> None:
@@ -227,7 +227,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     storage.make_dirs(run_dir)
     if previous is None:
         storage.write_text(storage.join(run_dir, "run.json"), json.dumps(
-            {"run_name": run_name, "run_id": run_id, "tracking_uri": uri, "config": config_to_dict(cfg)}, indent=2))
+            {"run_name": run_name, "run_id": run_id, "tracking_uri": uri, "config": redact(config_to_dict(cfg))}, indent=2))
         if client is not None:
             _log_run_start(client, run_id, cfg, prepared, weights, ratios, config_path, run_dir)
     log(f"run {run_name} in {run_dir}" + (f"; MLflow run {run_id} at {uri}" if run_id else "; no MLflow tracking"))

@@ -22,9 +22,27 @@ MAX_PENDING = 200_000  # metrics kept while the server is away
 
 def tracking_uri(configured: str | None) -> str:
     """Configured URI, else $MLFLOW_TRACKING_URI, else an absolute sqlite file in the working dir
-    (absolute, so Ray workers with another working directory log into the same store)."""
+    (absolute, so Ray workers with another working directory log into the same store). A URI with
+    credentials in it is refused: it would end up in logs, params and run.json."""
+    from pipeline.config import CREDENTIALS_IN_URI
+    from pipeline.errors import PipelineError
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and CREDENTIALS_IN_URI.match(uri):
+        raise PipelineError.one("tracking.uri" if configured else "$MLFLOW_TRACKING_URI",
+                                "holds credentials (user:password@host), which would be logged and printed",
+                                "remove them from the URI and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                                "(or MLFLOW_TRACKING_TOKEN) in the environment")
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def redact(tree: Any) -> Any:
+    """A copy of a config tree with the values of secret-looking keys replaced by "***" (for the config
+    copies a run keeps: run.json, the resolved_config.json artifact)."""
+    if isinstance(tree, Mapping):
+        return {k: "***" if SECRET_KEY.search(str(k)) else redact(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact(v) for v in tree]
+    return tree
 
 
 def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
