@@ -206,6 +206,9 @@ class TrainConfig(Strict):
     """CPUs Ray reserves per worker (fractions allowed)."""
     steps: int = Field(300, ge=1)
     """Optimizer steps in total; each step trains one task's batch, drawn by the task sampler."""
+    max_minutes: float | None = Field(None, gt=0)
+    """Wall-clock budget of one attempt: past it, training stops at the next step and ends as at the last
+    step (evaluation, checkpoint, final model). Unset: train all `steps`. A resumed run gets it anew."""
     batch_size: int = Field(16, ge=1)
     """Examples per micro-batch per worker."""
     grad_accum: int = Field(1, ge=1)

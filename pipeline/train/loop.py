@@ -295,9 +295,11 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         comm_seconds()  # start counting now (not engine start-up)
 
     window = new_window()
+    deadline = time.monotonic() + 60 * train["max_minutes"] if train["max_minutes"] else None
     last_results: dict[str, tuple[list, list]] = {}
     engine.train()
-    while step < train["steps"]:
+    last = step >= train["steps"]
+    while not last:
         task = sampler.next()
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * schedule(step)
@@ -343,6 +345,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(mean_loss)
             weighting.observe_loss(task, mean_loss.item() / world, step)
         last = step == train["steps"]
+        if deadline is not None and not last:  # every rank stops at the same step: rank 0's clock decides
+            over = torch.tensor([float(time.monotonic() > deadline)])
+            dist.broadcast(over, src=0)
+            last = bool(over.item())
 
         metrics: dict[str, float] = {}
         if step % train["log_every"] == 0 or last:
