@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.preprocess import prepare_tasks
     from pipeline.runtime import init_ray
     from pipeline.train.driver import _dev_rows, train_driver
-    from pipeline.train.tracking import check_reachable, experiment_id, tracking_uri
+    from pipeline.train.tracking import experiment_id, open_tracking, tracking_uri
 
     start = time.monotonic()
     config_path = BUDGETS[args.budget] if args.budget else args.config
@@ -77,11 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(merge_rows(f"single-task ({cfg.model.name}, one model per task)", singles))
 
     uri = tracking_uri(cfg.tracking.uri)
-    tracking = None
-    if not check_reachable(uri):
-        from mlflow import MlflowClient
-        client = MlflowClient(uri)
-        tracking = (client, experiment_id(client, cfg.tracking.experiment or cfg.name, uri))
+    client = open_tracking(uri, cfg.tracking.required, doing="the Bi-LSTM baselines and the comparison")
+    tracking = (client, experiment_id(client, cfg.tracking.experiment or cfg.name, uri)) if client else None
     bilstm = []
     for t, spec in specs.items():
         if spec.kind == "summarization" or not steps.get(t):

@@ -52,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from pipeline.eval.evaluate import evaluate_model, markdown, open_model, score, write_glue_submission
-    from pipeline.train.tracking import check_reachable, tracking_uri, warn
+    from pipeline.train.tracking import open_tracking, tracking_uri
 
     start = time.monotonic()
     opened = open_model(args.model, storage_path=args.storage_path, which=args.which, config_path=args.config,
@@ -80,10 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_mlflow:
         uri = tracking_uri(args.tracking_uri)
-        reason = check_reachable(uri)
-        if reason:
-            warn(f"MLflow at {uri} cannot be reached ({reason}); results are only in {out}")
-        else:
+        if open_tracking(uri, required=False, doing=f"the evaluation (results in {out})") is not None:
             log_evaluation(uri, opened, results, dev_score, out, written)
     return 0
 

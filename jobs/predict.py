@@ -30,7 +30,7 @@ READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".pa
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="run name, run folder, model folder, or models:/NAME@ALIAS")
+    p.add_argument("--model", required=True, help="run name, run folder, model folder (local or a URI such as s3://...), or models:/NAME@ALIAS")
     p.add_argument("--input", required=True, nargs="+", help="input files or globs")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--task", help="the task of every row (otherwise a `task` column is required)")
@@ -46,8 +46,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _model_folder(model: str, storage_path: str) -> str:
+    """A local model folder, an MLflow reference, or a model folder's URI in an object store (every
+    replica copies it down itself, so replicas on any node can load it)."""
+    from pipeline import storage
     if model.startswith(("models:/", "runs:/")):
         return model
+    if storage.is_uri(model) or (not Path(model).expanduser().exists() and storage.is_uri(storage_path)):
+        location = model if storage.is_uri(model) else storage.join(storage_path, model)
+        if storage.is_file(storage.join(location, "run.json")):
+            location = storage.join(location, "best_model")
+        if not storage.is_file(storage.join(location, "mtl_model.json")):
+            raise PipelineError.one("--model", f"{location} is not a model folder or run folder",
+                                    "pass a run name under --storage-path, a run or model folder URI, or models:/NAME@champion")
+        return location
     path = Path(model).expanduser()
     if not path.exists():
         path = Path(storage_path).expanduser() / model

@@ -91,8 +91,11 @@ def test_batch_inference_with_ray_data_matches_the_predictor(zero3_run, tmp_path
     cfg, result, _ = zero3_run
     texts = prepare_tasks(cfg, log=lambda _: None)["rotten_tomatoes"].table("train", limit=300, columns=["text"])["text"].to_pylist()
     pd.DataFrame({"review": texts}).to_csv(tmp_path / "reviews.csv", index=False)
-    assert job.main(["--model", result.run_dir, "--task", "rotten_tomatoes", "--input", str(tmp_path / "reviews.csv"),
-                     "--text-column", "review", "--out", str(tmp_path / "preds"), "--batch-size", "32"]) == 0
+    # The run by name in a storage URI (as on a cluster): each replica copies the model folder down itself.
+    storage = Path(result.run_dir).parent.as_uri()
+    assert job.main(["--model", result.run_name, "--storage-path", storage, "--task", "rotten_tomatoes",
+                     "--input", str(tmp_path / "reviews.csv"), "--text-column", "review", "--out", str(tmp_path / "preds"),
+                     "--batch-size", "32"]) == 0
     got = pd.read_parquet(tmp_path / "preds")
     assert len(got) == 300 and set(got.columns) >= {"text", "task", "label", "label_id", "score", "summary"}
     expected = Predictor(Path(result.run_dir) / "best_model").predict_text("rotten_tomatoes", texts, batch_size=32)

@@ -305,3 +305,44 @@ def test_launcher_maximum_respects_the_global_worker_cap():
     assert _launcher_capacity(config) == {"CPU": 4 + 2 * 48 + 16, "GPU": 8}
     del config["available_node_types"]["cpu"]["resources"]  # left to the launcher to detect: unknown here
     assert _launcher_capacity(config) is None
+
+
+def _checkpoint(folder: Path, world: int = 2) -> Path:
+    """A checkpoint folder as the loop writes it: each rank's files, then its manifest."""
+    from pipeline.train.checkpoints import write_manifest
+    (folder / "ds").mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"step": 10, "world": world}))
+    for rank in range(world):
+        (folder / "ds" / f"shard_{rank}.bin").write_bytes(bytes(range(256)) * (rank + 1))
+    for rank in range(world):
+        write_manifest(folder, rank)
+    return folder
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda f: None, None),
+    (lambda f: (f / "manifest" / "rank1.json").unlink(), "manifest of rank 1 missing"),  # a rank's upload never finished
+    (lambda f: (f / "ds" / "shard_1.bin").unlink(), "ds/shard_1.bin is missing"),
+    (lambda f: (f / "ds" / "shard_0.bin").write_bytes(b"\xff" + bytes(range(1, 256))), "does not match its recorded sha256"),
+    (lambda f: (f / "ds" / "shard_0.bin").write_bytes(b"short"), "has 5 bytes, 256 were written"),
+    (lambda f: (f / "meta.json").write_text("{"), "meta.json unreadable"),
+], ids=["intact", "missing-manifest", "missing-file", "flipped-byte", "truncated", "bad-meta"])
+def test_checkpoint_verification_names_what_is_wrong(tmp_path, damage, expected):
+    from pipeline.train.checkpoints import verify
+    folder = _checkpoint(tmp_path / "step_0000010")
+    damage(folder)
+    problem = verify(folder)
+    assert problem == expected if expected is None else expected in problem, problem
+
+
+def test_fallback_candidates_and_redone_step_names(tmp_path):
+    from ray.train import Checkpoint
+
+    from pipeline.train.checkpoints import candidates, dir_name
+    for name in ("step_0000005", "step_0000010", "step_0000010.r1", "step_0000015", "final_model"):
+        (tmp_path / name).mkdir()
+    latest = Checkpoint.from_directory(str(tmp_path / "step_0000015"))
+    assert [Path(c.path).name for c in candidates(latest)] == ["step_0000015", "step_0000010.r1", "step_0000010",
+                                                               "step_0000005"]
+    taken = {"step_0000010", "step_0000010.r1"}
+    assert dir_name(10, taken) == "step_0000010.r2" and dir_name(20, taken) == "step_0000020"

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.data.tokenize import encode_texts
 from pipeline.model.summarize import pad, summary_format
+from pipeline.storage import is_uri
 
 
 def batch_plan(n: int, batch_size: int, world: int = 1, rank: int | None = None) -> list[list[int]]:
@@ -178,6 +179,11 @@ class ReplicaPredictor:
             if tracking_uri:
                 mlflow.set_tracking_uri(tracking_uri)
             self.predictor = load_predictor(model)
+        elif is_uri(model):  # a model folder in an object store: this replica's own copy
+            import tempfile
+
+            from pipeline.storage import download
+            self.predictor = Predictor(download(model, Path(tempfile.mkdtemp(prefix="mtl-replica-")) / "model"))
         else:
             self.predictor = Predictor(model)
         self.params = {"batch_size": batch_size, "num_beams": num_beams}
