@@ -99,7 +99,8 @@ def test_long_run_memory_has_no_growth_trend(tmp_path, cache_dir, ray_session):
     trends = {name: _trend(points, duration) for name, points in by_process.items()
               if points[-1][0] - points[0][0] >= 0.8 * duration - 60}
     report = {"minutes": minutes, "wall_s": round(duration, 1), "steps": result.steps, "evaluations": evaluations,
-              "checkpoint_every": 100, "growth_limit_share": GROWTH_LIMIT, "warm_up_share": WARM_UP, "processes": trends}
+              "checkpoint_every": 100, "growth_limit_share": GROWTH_LIMIT, "warm_up_share": WARM_UP, "processes": trends,
+              "samples": {n: [(round(t, 1), rss) for t, rss in points] for n, points in by_process.items()}}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "soak.json").write_text(json.dumps(report, indent=2))
     lines = [f"# Soak: {minutes:g} min of training, {result.steps} steps, {evaluations} evaluations, a checkpoint "
