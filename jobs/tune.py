@@ -183,6 +183,8 @@ def trial_rows(grid, spec, base, client=None, parent_run_id: str | None = None) 
         if child is not None and status != "finished":  # a stopped trial's driver may have marked it FAILED
             client.set_tag(child.info.run_id, "mtl.tune_status", status)
             client.set_terminated(child.info.run_id, status="KILLED" if status.startswith("stopped") else "FAILED")
+        elif child is not None and child.info.status == "RUNNING":  # Tune stopped the driver right after its last
+            client.set_terminated(child.info.run_id, status="FINISHED")  # result, before it closed the run
     return rows
 
 

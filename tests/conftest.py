@@ -46,6 +46,18 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _keep_mlflow_uri():
+    """Jobs called in-process may set MLflow's tracking URI (mlflow.set_tracking_uri also sets
+    $MLFLOW_TRACKING_URI): restored after each test, so later subprocesses use their own default store."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@pytest.fixture(autouse=True)
 def _quiet_hub(monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

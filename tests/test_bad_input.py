@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -38,8 +39,13 @@ def workspace(tmp_path_factory):
     assert train.main(["--config", str(ws / "base.yaml"), *base]) == 0
     assert preprocess.main(["--config", str(ws / "base.yaml"), *base, f"data.cache_path={ws / 'pinned'}"]) == 0
     run = next((ws / "runs").glob("ws-*/run.json")).parent
+    saved = os.environ.get("MLFLOW_TRACKING_URI")  # the register job sets it (mlflow.set_tracking_uri)
     assert register.main(["--run", str(run), "--name", MODEL, "--alias", "champion",
                           "--tracking-uri", f"sqlite:///{ws / 'mlflow.db'}"]) == 0
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
     return {"dir": ws, "base": base, "run": run}
 
 

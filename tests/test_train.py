@@ -80,6 +80,7 @@ def test_two_workers_train_checkpoint_and_track(tmp_path, cache_dir, stage):
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"rotten_tomatoes", "bbc_news"}
 
 
+@pytest.mark.slow  # the default tier covers resume in tests/test_reliability.py (driver kill, corrupt-checkpoint fallback)
 def test_resume_continues_at_the_saved_step_in_the_same_mlflow_run(tmp_path, cache_dir):
     first = train_driver(_cfg(tmp_path, cache_dir, "train.zero_stage=3", "train.steps=12", "train.checkpoint_every=6",
                               "train.log_every=1", "train.eval_every=6"), log=lambda _: None)
@@ -182,7 +183,9 @@ def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
     assert "job / plain" in md and "| plain PyTorch (run before the next row) |" in md and "CPU use" in md and (tmp_path / "RESULTS.md").read_text().count("## Benchmark: training throughput") == 1
 
 
-@pytest.mark.parametrize("backbone", ["tiny-llama", "tiny-bert"])
+# tiny-llama in the slow tier: the causal-LM path is trained in the default tier by
+# test_causal_lm_backbone_with_optimizer_offload and its summarization loss by tests/test_summarization.py.
+@pytest.mark.parametrize("backbone", [pytest.param("tiny-llama", marks=pytest.mark.slow), "tiny-bert"])
 def test_two_classification_tasks_and_xsum_all_learn(tmp_path, cache_dir, backbone):
     """Causal LM: summary through the LM head. Encoder: a task decoder with cross-attention."""
     tasks = ("{rotten_tomatoes: {ratio: 1, max_rows: {train: 512, validation: 32}}, "

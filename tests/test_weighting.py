@@ -288,6 +288,7 @@ def test_dwa_at_zero3_logs_moving_weights(tmp_path, cache_dir, ray_session):
     _run(tmp_path, cache_dir, "train.zero_stage=3", "train.weighting=dwa", "train.weighting_options={window: 2}", steps=16)
 
 
+@pytest.mark.slow  # default tier: state round trip (test_state_dict_round_trip_continues_exactly) and dwa/gradcos at ZeRO-3
 def test_uncertainty_at_zero3_weighs_the_larger_loss_down_and_resumes(tmp_path, cache_dir, ray_session):
     options = ("train.zero_stage=3", "train.weighting=uncertainty", "train.weighting_options={lr: 0.1}")
     first = _run(tmp_path, cache_dir, *options, steps=10)
