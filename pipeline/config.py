@@ -283,6 +283,13 @@ class TrainConfig(Strict):
 CREDENTIALS_IN_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/@\s]+@")
 
 
+def credentials_problem(where: str) -> Problem:
+    """A tracking URI with `user:password@` in it (the config's or $MLFLOW_TRACKING_URI)."""
+    return Problem(where, "holds credentials (user:password@host), which would be logged and printed",
+                   "remove them from the URI and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                   "(or MLFLOW_TRACKING_TOKEN) in the environment")
+
+
 class TrackingConfig(Strict):
     uri: str | None = None
     """MLflow tracking URI. Unset: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
@@ -295,9 +302,7 @@ class TrackingConfig(Strict):
     @classmethod
     def _no_credentials(cls, v: str | None) -> str | None:
         if v is not None and CREDENTIALS_IN_URI.match(v):
-            raise _Problems([Problem("tracking.uri", "holds credentials (user:password@host), which would be logged and printed",
-                                     "remove them from the URI and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-                                     "(or MLFLOW_TRACKING_TOKEN) in the environment")])
+            raise _Problems([credentials_problem("tracking.uri")])
         return v
 
 

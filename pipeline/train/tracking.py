@@ -24,14 +24,11 @@ def tracking_uri(configured: str | None) -> str:
     """Configured URI, else $MLFLOW_TRACKING_URI, else an absolute sqlite file in the working dir
     (absolute, so Ray workers with another working directory log into the same store). A URI with
     credentials in it is refused: it would end up in logs, params and run.json."""
-    from pipeline.config import CREDENTIALS_IN_URI
+    from pipeline.config import CREDENTIALS_IN_URI, credentials_problem
     from pipeline.errors import PipelineError
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri and CREDENTIALS_IN_URI.match(uri):
-        raise PipelineError.one("tracking.uri" if configured else "$MLFLOW_TRACKING_URI",
-                                "holds credentials (user:password@host), which would be logged and printed",
-                                "remove them from the URI and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
-                                "(or MLFLOW_TRACKING_TOKEN) in the environment")
+        raise PipelineError(credentials_problem("tracking.uri" if configured else "$MLFLOW_TRACKING_URI"))
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
