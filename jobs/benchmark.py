@@ -11,6 +11,8 @@ on a number.
                 and optimizer offload, 2 workers, SmolLM2-135M, next to the ZeRO paper's formulas
     tune        ASHA vs every configuration at the full budget: best score and total steps
     generate    summarization generation tokens/s: greedy and beam, batched, with and without KV cache
+    train-data  the training job's per-task hand-over to Ray Train: in-driver pyarrow + from_arrow for small
+                splits vs a Ray Data sort (--config, default jobs/configs/default.yaml)
     gpu-plan    memory per GPU and FLOPs per token for the shipped GPU configs (on paper)
 
 Examples:
@@ -20,6 +22,7 @@ Examples:
     python jobs/benchmark.py memory
     python jobs/benchmark.py tune
     python jobs/benchmark.py generate
+    python jobs/benchmark.py train-data
     python jobs/benchmark.py gpu-plan
 """
 
@@ -35,8 +38,8 @@ from pipeline.config import load_config  # noqa: E402
 from pipeline.errors import PipelineError, exits_on_bad_input  # noqa: E402
 from pipeline.runtime import job_parser  # noqa: E402
 
-NAMES = ["preprocess", "train", "memory", "tune", "generate", "gpu-plan"]
-ORDER = ["preprocess", "train", "memory_bf16", "memory_fp32", "tune", "generate", "gpu_plan"]
+NAMES = ["preprocess", "train", "memory", "tune", "generate", "train-data", "gpu-plan"]
+ORDER = ["preprocess", "train_data", "train", "memory_bf16", "memory_fp32", "tune", "generate", "gpu_plan"]
 
 
 def write_index(out: Path) -> Path:
@@ -90,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     elif name == "generate":
         from pipeline.benchmarks import generate
         result, md = generate.run(command, repeats=args.repeats)
+    elif name == "train_data":
+        from pipeline.benchmarks import train_data
+        cfg = load_config(args.config or "jobs/configs/default.yaml", args.overrides)
+        result, md = train_data.run(cfg, command, repeats=args.repeats)
     else:
         from pipeline.benchmarks import gpu_plan
         result, md = gpu_plan.run(command)

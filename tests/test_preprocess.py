@@ -87,7 +87,7 @@ def test_pairs_and_regression_targets(glue, glue_dir):
     assert all(r["label"] is None for r in prepared["mrpc"].dataset("test", limit=20).take_all())
 
 
-def test_seeded_order_is_reproducible_and_columns_can_be_chosen(glue):
+def test_seeded_order_is_reproducible_and_columns_can_be_chosen(glue, monkeypatch):
     _, prepared, _ = glue
     first = prepared["sst2"].dataset("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"]).take_all()
     again = prepared["sst2"].dataset("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"]).take_all()
@@ -97,6 +97,12 @@ def test_seeded_order_is_reproducible_and_columns_can_be_chosen(glue):
     # the in-memory reader for small splits gives the same rows in the same order
     table = prepared["sst2"].table("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"])
     assert table.to_pylist() == first
+    # what training gets: ordered in-process below SMALL_SPLIT_BYTES, by Ray Data above; the same either way
+    import pipeline.data.preprocess as pre
+    small = prepared["sst2"].materialized("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"])
+    monkeypatch.setattr(pre, "SMALL_SPLIT_BYTES", 0)
+    large = prepared["sst2"].materialized("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"])
+    assert small.take_all() == large.take_all() == first
     assert {"input_ids", "label", "id", "drop_reason"} <= set(prepared["sst2"].columns("train"))
 
 

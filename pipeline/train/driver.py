@@ -237,8 +237,8 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
 
     def train_split(t: str):
         columns = [c for c in TRAIN_COLUMNS if c in prepared[t].columns("train")]
-        return prepared[t].dataset("train", limit=cfg.tasks[t].max_rows.get("train"), columns=columns,
-                                   shuffle_seed=cfg.seed).materialize()
+        return prepared[t].materialized("train", limit=cfg.tasks[t].max_rows.get("train"), columns=columns,
+                                        shuffle_seed=cfg.seed)
 
     datasets = {t: train_split(t) for t in prepared}
     dev = {t: ray.put(_dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.seed)) for t, p in prepared.items()}
