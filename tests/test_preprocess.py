@@ -103,6 +103,32 @@ def test_seeded_order_is_reproducible_and_columns_can_be_chosen(glue, monkeypatc
     monkeypatch.setattr(pre, "SMALL_SPLIT_BYTES", 0)
     large = prepared["sst2"].materialized("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"])
     assert small.take_all() == large.take_all() == first
+    monkeypatch.undo()
+
+
+def test_repeated_small_split_gives_each_worker_its_own_part_several_times(glue):
+    # what train_driver hands Ray Train: a small split repeated so one Ray Data execution covers 3 epochs; an equal
+    # streaming split must still give worker i exactly the rows it gets from the plain split, 3 times over
+    import threading
+
+    _, prepared, _ = glue
+    kw = dict(limit=51, shuffle_seed=3, columns=["input_ids", "label"])
+    plain = prepared["sst2"].table("train", **kw).to_pylist()
+    nbytes = prepared["sst2"].table("train", **kw).nbytes
+    repeated = prepared["sst2"].materialized("train", **kw, workers=2, pass_bytes=3 * nbytes)
+    assert repeated.count() == 3 * 50  # 25 rows per worker (the odd row is dropped by an equal split anyway)
+
+    def shards(ds) -> list[list]:
+        got: list[list] = [[], []]
+        its = ds.streaming_split(2, equal=True)
+        threads = [threading.Thread(target=lambda i=i: got[i].extend(its[i].iter_rows())) for i in range(2)]
+        [t.start() for t in threads], [t.join() for t in threads]
+        return [[{k: (list(v) if k == "input_ids" else v) for k, v in r.items()} for r in g] for g in got]
+
+    once = shards(prepared["sst2"].materialized("train", **kw))
+    thrice = shards(repeated)
+    assert once == [plain[:25], plain[25:50]]
+    assert thrice == [plain[:25] * 3, plain[25:50] * 3]
     assert {"input_ids", "label", "id", "drop_reason"} <= set(prepared["sst2"].columns("train"))
 
 

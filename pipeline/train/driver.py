@@ -27,6 +27,7 @@ from pipeline.train.mixing import normalise_weights, sampling_ratios
 from pipeline.train.tracking import experiment_id, flatten_params, open_tracking, redact, replay_spool, tracking_uri, warn
 
 TRAIN_COLUMNS = ["input_ids", "token_type_ids", "label", "target_ids"]
+PASS_BYTES = 64 * 2**20  # a small task split is repeated to about this size per Ray Data execution (see materialized)
 
 
 @dataclass
@@ -238,7 +239,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     def train_split(t: str):
         columns = [c for c in TRAIN_COLUMNS if c in prepared[t].columns("train")]
         return prepared[t].materialized("train", limit=cfg.tasks[t].max_rows.get("train"), columns=columns,
-                                        shuffle_seed=cfg.seed)
+                                        shuffle_seed=cfg.seed, workers=cfg.train.num_workers, pass_bytes=PASS_BYTES)
 
     datasets = {t: train_split(t) for t in prepared}
     dev = {t: ray.put(_dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.seed)) for t, p in prepared.items()}
