@@ -103,7 +103,6 @@ def test_seeded_order_is_reproducible_and_columns_can_be_chosen(glue, monkeypatc
     monkeypatch.setattr(pre, "SMALL_SPLIT_BYTES", 0)
     large = prepared["sst2"].materialized("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"])
     assert small.take_all() == large.take_all() == first
-    monkeypatch.undo()
 
 
 def test_repeated_small_split_gives_each_worker_its_own_part_several_times(glue):
@@ -113,9 +112,9 @@ def test_repeated_small_split_gives_each_worker_its_own_part_several_times(glue)
 
     _, prepared, _ = glue
     kw = dict(limit=51, shuffle_seed=3, columns=["input_ids", "label"])
-    plain = prepared["sst2"].table("train", **kw).to_pylist()
-    nbytes = prepared["sst2"].table("train", **kw).nbytes
-    repeated = prepared["sst2"].materialized("train", **kw, workers=2, pass_bytes=3 * nbytes)
+    table = prepared["sst2"].table("train", **kw)
+    plain = table.to_pylist()
+    repeated = prepared["sst2"].materialized("train", **kw, workers=2, pass_bytes=3 * table.nbytes)
     assert repeated.count() == 3 * 50  # 25 rows per worker (the odd row is dropped by an equal split anyway)
 
     def shards(ds) -> list[list]:

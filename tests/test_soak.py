@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "tests" / "bench" / "results"
 TASKS = ("{rotten_tomatoes: {max_rows: {validation: 64}}, bbc_news: {max_rows: {validation: 64}}, "
          "xsum: {max_rows: {train: 2000, validation: 8}}}")
-GROWTH_LIMIT = 0.05  # of the median RSS, over the analysed window
+GROWTH_LIMIT = 0.05  # of the median USS: the floor trend over the analysed span
 # The run's own processes, held to the limit. Ray's cluster-wide helpers (its Data stats actor, placement-group
 # cleaner, autoscaling coordinator, ...) are sampled and reported too, not asserted on.
 RUN_PROCESSES = ("driver", "TrainController", "RayTrainWorker", "SplitCoordinator")
@@ -64,9 +64,9 @@ def _sample(stop: threading.Event, samples: list, every_s: float, start: float) 
         stop.wait(every_s)
 
 
-def _fit(t: np.ndarray, mem: np.ndarray) -> float:
-    """Least-squares growth over the span of `t` (bytes)."""
-    return float(np.polyfit(t, mem, 1)[0]) * (t[-1] - t[0]) if len(t) >= 3 else 0.0
+def _slope(t: np.ndarray, mem: np.ndarray) -> float:
+    """Least-squares slope, bytes per second."""
+    return float(np.polyfit(t, mem, 1)[0]) if len(t) >= 3 else 0.0
 
 
 def _trend(points: list[tuple[float, int]], duration: float) -> dict:
@@ -82,9 +82,10 @@ def _trend(points: list[tuple[float, int]], duration: float) -> dict:
         windows.setdefault(int((ti - kept[0][0]) // FLOOR_WINDOW_S), []).append(m)
     floor_t = np.array([kept[0][0] + (w + 0.5) * FLOOR_WINDOW_S for w in sorted(windows)])
     floor = np.array([min(windows[w]) for w in sorted(windows)], dtype=float)
-    raw, low = _fit(t, mem), _fit(floor_t, floor)
+    span = t[-1] - t[0]  # every trend is extended over the analysed span
     half = floor_t >= (floor_t[0] + floor_t[-1]) / 2  # is the floor still rising late in the run, or levelling off?
-    late = _fit(floor_t[half], floor[half]) / max(floor_t[half][-1] - floor_t[half][0], 1) * (floor_t[-1] - floor_t[0])
+    raw, low, late = (_slope(t, mem) * span, _slope(floor_t, floor) * span,
+                      _slope(floor_t[half], floor[half]) * span)
     return {"samples": len(points), "first_mib": points[0][1] / 2**20, "last_mib": points[-1][1] / 2**20,
             "median_mib": median / 2**20, "max_mib": max(p[1] for p in points) / 2**20,
             "raw_growth_mib": raw / 2**20, "raw_share": raw / median,
@@ -172,4 +173,5 @@ def test_long_run_memory_has_no_growth_trend(tmp_path, cache_dir, ray_session):
 if __name__ == "__main__":  # re-analyse saved samples: python tests/test_soak.py [tests/bench/results/soak.json]
     import sys
     saved = json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else RESULTS / "soak.json").read_text())
-    print("\n".join(analyse(saved)[1]), "\n".join(analyse(saved)[2]) or "no failures", sep="\n")
+    _, lines, failures = analyse(saved)
+    print("\n".join(lines), "\n".join(failures) or "no failures", sep="\n")

@@ -30,6 +30,13 @@ TRAIN_COLUMNS = ["input_ids", "token_type_ids", "label", "target_ids"]
 PASS_BYTES = 64 * 2**20  # a small task split is repeated to about this size per Ray Data execution (see materialized)
 
 
+
+def train_split_args(cfg: Config, task: str, prepared: PreparedTask) -> dict:
+    """What a task's training rows are: its train split, limited by `max_rows`, in the seeded order, the training columns."""
+    return {"limit": cfg.tasks[task].max_rows.get("train"), "shuffle_seed": cfg.seed,
+            "columns": [c for c in TRAIN_COLUMNS if c in prepared.columns("train")]}
+
+
 @dataclass
 class TrainResult:
     run_name: str
@@ -236,12 +243,8 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False  # per-worker split bars would drown the step lines
 
-    def train_split(t: str):
-        columns = [c for c in TRAIN_COLUMNS if c in prepared[t].columns("train")]
-        return prepared[t].materialized("train", limit=cfg.tasks[t].max_rows.get("train"), columns=columns,
-                                        shuffle_seed=cfg.seed, workers=cfg.train.num_workers, pass_bytes=PASS_BYTES)
-
-    datasets = {t: train_split(t) for t in prepared}
+    datasets = {t: p.materialized("train", **train_split_args(cfg, t, p), workers=cfg.train.num_workers,
+                                  pass_bytes=PASS_BYTES) for t, p in prepared.items()}
     dev = {t: ray.put(_dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.seed)) for t, p in prepared.items()}
     heads = [{"task": t, "kind": s.kind, "num_labels": s.num_labels} for t, s in specs.items()]
     meta = model_metadata(cfg, run_name)
