@@ -48,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray()
     from pipeline.train.driver import train_driver
-    result = train_driver(cfg, resume=args.resume, config_path=args.config)
+    from pipeline.train.failure import RunFailed
+    try:
+        result = train_driver(cfg, resume=args.resume, config_path=args.config, overrides=(["--smoke"] if args.smoke else []) + list(args.overrides))
+    except RunFailed as err:  # one line: what died, the last checkpoint, the --resume command
+        print(f"\n{err}", file=sys.stderr, flush=True)
+        return 1
 
     print(f"\nrun {result.run_name}: {result.steps} steps in {result.wall_seconds:.0f}s; "
           f"best dev score {result.best_score:.2f}")

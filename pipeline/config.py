@@ -8,7 +8,9 @@ every problem as `<key>: <what> — <fix>`. Relative paths are relative to the w
 
 from __future__ import annotations
 
+import codecs
 import difflib
+import os
 import re
 import types
 import typing
@@ -20,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import PipelineError, Problem
 from pipeline.model.refs import HOME
-from pipeline.tasks import BUILTIN, METRICS_BY_KIND, Columns, FilesSource, SplitFiles, TaskRegistry, TaskSpec
+from pipeline.tasks import BUILTIN, Columns, FilesSource, SplitFiles, TaskRegistry, TaskSpec
+from pipeline.tasks.spec import default_metrics
 
 
 
@@ -97,6 +100,8 @@ class TaskDefinition(Strict):
     """What the task predicts: a class, a score, or a summary."""
     format: Literal["tsv", "csv", "jsonl", "parquet"]
     """File format. TSV is read without quoting (GLUE style); CSV with standard quoting."""
+    encoding: str = "utf-8"
+    """Text encoding of TSV/CSV/JSONL files (e.g. `latin-1`, `cp1252`); a UTF-8 byte-order mark is stripped."""
     files: dict[str, str | list[str]]
     """Split name -> file path(s) (`train`, `validation`, `test`, or any name used by `carve_from`)."""
     columns: ColumnsConfig
@@ -113,7 +118,8 @@ class TaskDefinition(Strict):
     label_range: tuple[float, float] | None = None
     """Regression: inclusive bounds; rows outside are dropped and counted."""
     metrics: list[str] | None = None
-    """Metrics, primary first. Default: accuracy+f1 / pearson+spearman / ROUGE."""
+    """Metrics, primary first. Default: accuracy + f1 (two classes) or accuracy + macro_f1 (more) /
+    pearson + spearman / ROUGE."""
     prompt: str | None = None
     """Template for generative use, with `{text}` and `{text_pair}`."""
     max_target_tokens: int | None = Field(None, ge=1)
@@ -121,19 +127,42 @@ class TaskDefinition(Strict):
     where: dict[str, str] = {}
     """Keep only rows whose column equals the value."""
 
+    @field_validator("encoding", mode="after")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError("unknown text encoding — use a Python codec name such as utf-8, latin-1 or cp1252") from None
+        return v
+
+    def problems(self, name: str) -> list[Problem]:
+        """What the task's own checks (TaskSpec.check) cannot see: one file given for two splits."""
+        seen: dict[str, str] = {}
+        problems = []
+        for split, paths in self.files.items():
+            for path in [paths] if isinstance(paths, str) else paths:
+                same = os.path.realpath(os.path.expanduser(path))
+                if same in seen:
+                    problems.append(Problem(
+                        f"tasks.{name}.define.files", f"{path} is given for both {seen[same]!r} and {split!r}: every row "
+                        "would be trained on and evaluated on, which measures nothing",
+                        f"give each split its own file, or carve one file into splits: files: {{all: {path}}}, "
+                        "carve_from: all, carve: {train: 0.8, validation: 0.1, test: 0.1}"))
+                seen.setdefault(same, split)
+        return problems
+
     def to_spec(self, name: str) -> TaskSpec:
         splits = {s: SplitFiles(tuple([p] if isinstance(p, str) else p),
                                 tuple(self.column_names) if self.column_names else None)
                   for s, p in self.files.items()}
         source = FilesSource(self.format, "", splits, Columns(**self.columns.model_dump()), where=dict(self.where),
-                             carve_from=self.carve_from, carve=dict(self.carve or {}))
+                             carve_from=self.carve_from, carve=dict(self.carve or {}), encoding=self.encoding)
         num_labels = {"regression": 1, "summarization": 0}.get(self.kind) or (
             len(self.label_names) if self.label_names else (self.num_labels or 0))
-        default_metrics = {"classification": ["accuracy", "f1"], "regression": ["pearson", "spearman"],
-                           "summarization": list(METRICS_BY_KIND["summarization"])}[self.kind]
         return TaskSpec(name, self.kind, f"User task from {self.format} files.", local=source, num_labels=num_labels,
                         label_names=tuple(self.label_names) if self.label_names else None,
-                        label_range=self.label_range, metrics=tuple(self.metrics or default_metrics),
+                        label_range=self.label_range, metrics=tuple(self.metrics or default_metrics(self.kind, num_labels)),
                         prompt=self.prompt, max_target_tokens=self.max_target_tokens)
 
 
@@ -258,8 +287,9 @@ class TrainConfig(Strict):
     shared_params: str | None = None
     """Parameter-name prefix of the shared group whose gradients `gradcos` compares, ending in a dot
     (e.g. `backbone.encoder.layer.5.`). Unset: the backbone's last transformer block."""
-    max_failures: int = Field(0, ge=-1)
-    """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited)."""
+    max_failures: int = Field(1, ge=-1)
+    """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited; 0: fail at
+    once). A failed run prints its last checkpoint's step and the `--resume` command that continues it."""
     storage_path: str = str(HOME / "runs")
     """Where runs keep checkpoints and models: a local/NFS folder or an object-store URI."""
 
@@ -330,6 +360,7 @@ class Config(Strict):
                 problems.append(Problem(f"tasks.{name}.define", f"{name!r} is a built-in task",
                                         "give your task another name, or drop `define` to use the built-in one"))
             elif task.define is not None:
+                problems.extend(task.define.problems(name))
                 try:
                     TaskRegistry().register(task.define.to_spec(name))
                 except PipelineError as err:

@@ -85,6 +85,23 @@ def _other_tokenizer(tmp: Path) -> Path:
     return other
 
 
+def _define(tmp: Path, name: str, content: str | bytes, fmt: str = "tsv", *, files: str | None = None,
+            extra: str = "label_names: [neg, pos]", columns: str = "{text: text, label: label}") -> str:
+    """`tasks={mine: {define: ...}}` over one file written into tmp (bytes are written as they are)."""
+    path = tmp / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    files = files or f"{{train: {path}}}"
+    return (f"tasks={{mine: {{define: {{kind: classification, format: {fmt}, files: {files}, columns: {columns}, "
+            f"{extra}}}}}}}")
+
+
+def _four_classes(tmp: Path, metrics: str = "") -> str:
+    rows = "".join(f"row {i} about {t}\t{t}\n" for i in range(40) for t in ("a", "b", "c", "d"))
+    (tmp / "dev.tsv").write_text("text\tlabel\n" + rows[: len(rows) // 4])
+    return _define(tmp, "four.tsv", "text\tlabel\n" + rows, files=f"{{train: {tmp / 'four.tsv'}, validation: {tmp / 'dev.tsv'}}}",
+                   extra=f"label_names: [a, b, c, d]{metrics}")
+
+
 # (case id, job, argv builder (workspace, tmp) -> (argv, files to create), where the first line points, fix words)
 CASES = {
     "malformed_yaml": ("train", lambda w, t: (["--config", str(t / "c.yaml")], {"c.yaml": "train:\n  steps: [1, 2\n"}),
@@ -122,6 +139,39 @@ CASES = {
                         "c.yaml:", "plain YAML value"),
     "resources_never_available": ("train", lambda w, t: (["train.num_workers=8"], {}), "train.num_workers", "fewer workers"),
     "resume_unknown_run": ("train", lambda w, t: (["--resume", "ws-00000000"], {}), "--resume", "ws-"),
+    # Added with the fresh-clone review (issue 17).
+    "non_utf8_file": ("preprocess", lambda w, t: ([_define(t, "mine.tsv", b"text\tlabel\ngood\tpos\nbad \xff byte\tneg\n")],
+                                                  {}), "mine.tsv:3", "encoding"),
+    "same_file_two_splits": ("train", lambda w, t: ([_define(t, "mine.tsv", "text\tlabel\na\tpos\n",
+                                                             files=f"{{train: {t / 'mine.tsv'}, validation: {t / 'mine.tsv'}}}")],
+                                                    {}), "tasks.mine.define.files", "carve_from"),
+    "metric_does_not_fit_kind": ("train", lambda w, t: ([_define(t, "mine.tsv", "text\tlabel\na\tpos\n",
+                                                                 extra="label_names: [neg, pos], metrics: [rouge1, pearson]")], {}),
+                                 "tasks.mine.define.metrics", "use one of"),
+    "binary_f1_on_four_classes": ("train", lambda w, t: ([_four_classes(t, ", metrics: [accuracy, f1]")], {}),
+                                  "tasks.mine.define.metrics", "macro_f1"),
+    "unknown_encoding": ("train", lambda w, t: ([_define(t, "mine.tsv", "text\tlabel\na\tpos\n",
+                                                         extra="label_names: [neg, pos], encoding: latin-9000")], {}),
+                         "tasks.mine.define.encoding", "latin-1"),
+    "empty_file": ("preprocess", lambda w, t: ([_define(t, "mine.tsv", "")], {}), "mine.tsv", "put rows in it"),
+    "header_only_file": ("preprocess", lambda w, t: ([_define(t, "mine.tsv", "text\tlabel\n")], {}), "mine.tsv:1",
+                         "put rows in it"),
+    "jsonl_line_is_an_array": ("preprocess", lambda w, t: ([_define(t, "mine.jsonl", '\n[1, 2]\n{"text": "a", "label": "pos"}\n',
+                                                                    fmt="jsonl")], {}), "mine.jsonl:2", "one object per line"),
+    "jsonl_line_is_a_number": ("preprocess", lambda w, t: ([_define(t, "mine.jsonl", '3\n', fmt="jsonl")], {}),
+                               "mine.jsonl:1", "one object per line"),
+    "numeric_labels_with_label_names": ("preprocess", lambda w, t: ([_define(t, "mine.tsv", "text\tlabel\ngood\t1\nbad\t0\n"
+                                                                              "fine\t1\n")], {}), "mine.tsv", "drop label_names"),
+    "summaries_all_empty_in_validation": ("preprocess", lambda w, t: ([
+        f"tasks={{mine: {{define: {{kind: summarization, format: tsv, files: {{train: {t / 's.tsv'}, validation: "
+        f"{t / 'd.tsv'}}}, columns: {{text: doc, target: summary}}}}}}}}"],
+        {"s.tsv": "doc\tsummary\na long story\tshort\nanother one\tbrief\n", "d.tsv": "doc\tsummary\na text\t \nmore\t\n"}),
+        "tasks.mine", "column mapping"),
+    "resume_run_of_another_config": ("train", lambda w, t: (["name=other", "--resume", next((w / "runs").glob("ws-*")).name], {}), "--resume",
+                                     "config it was made from"),
+    "ratios_with_non_explicit_strategy": ("train", lambda w, t: (["sampling.strategy=temperature",
+                                                                  "tasks.rotten_tomatoes.ratio=0.7"], {}),
+                                          "tasks.rotten_tomatoes.ratio", "sampling.strategy=explicit"),
 }
 
 
@@ -150,3 +200,68 @@ def test_bad_input_exits_2_with_one_line_per_problem_and_loses_nothing(case, wor
     assert _state(ws) == before  # nothing written before was changed, and no run, version or alias appeared
     assert not (tmp_path / "pwned").exists()
     print(f"\n{case}: " + " | ".join(lines))
+
+
+def _rows(n: int, text=lambda i: f"review number {i} was {'good' if i % 2 else 'bad'}", label=lambda i: "pos" if i % 2 else "neg"):
+    return [(text(i), label(i)) for i in range(n)]
+
+
+def _tsv(rows, bom: bool = False) -> bytes:
+    return ("\ufeff" * bom + "text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows)).encode()
+
+
+def _csv(rows, encoding: str = "utf-8", bom: bool = False) -> bytes:
+    import csv
+    import io
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["text", "label"])
+    writer.writerows(rows)
+    return ("\ufeff" * bom + out.getvalue()).encode(encoding)
+
+
+# (case id, format, train file bytes, validation file bytes, define extras, kept rows (train, validation), a text that
+# must be in the cache exactly as written, the dev metrics the task reports)
+WORKING = {
+    "utf8_bom_tsv": ("tsv", _tsv(_rows(40), bom=True), _tsv(_rows(10), bom=True), "", (40, 10), "review number 0 was bad",
+                     {"accuracy", "f1"}),
+    "utf8_bom_csv": ("csv", _csv(_rows(40), bom=True), _csv(_rows(10), bom=True), "", (40, 10), "review number 1 was good",
+                     {"accuracy", "f1"}),
+    "csv_quoted_newlines": ("csv", _csv(_rows(40, text=lambda i: f"line one of {i}\nline two, \"quoted\"")),
+                            _csv(_rows(10)), "", (40, 10), 'line one of 3\nline two, "quoted"', {"accuracy", "f1"}),
+    "latin1_with_encoding": ("csv", _csv(_rows(40, text=lambda i: f"café crème n°{i}"), "latin-1"),
+                             _csv(_rows(10), "latin-1"), ", encoding: latin-1", (40, 10), "café crème n°7",
+                             {"accuracy", "f1"}),
+    "multiclass_default_metrics": ("tsv", _tsv(_rows(40, label=lambda i: "abcd"[i % 4])), _tsv(_rows(12, label=lambda i: "abcd"[i % 4])),
+                                   "", (40, 12), "review number 5 was good", {"accuracy", "macro_f1"}),
+}
+
+
+@pytest.mark.parametrize("case", list(WORKING))
+def test_input_that_must_work_trains_one_step(case, tmp_path):
+    """Inputs a user has every right to give: they preprocess as written and train (one step, evaluated)."""
+    import pyarrow.dataset as pads
+
+    import train
+
+    fmt, train_bytes, dev_bytes, extra, kept, text, metrics = WORKING[case]
+    (tmp_path / f"train.{fmt}").write_bytes(train_bytes)
+    (tmp_path / f"dev.{fmt}").write_bytes(dev_bytes)
+    names = "[a, b, c, d]" if case == "multiclass_default_metrics" else "[neg, pos]"
+    task = (f"tasks={{mine: {{define: {{kind: classification, format: {fmt}, files: {{train: {tmp_path / f'train.{fmt}'}, "
+            f"validation: {tmp_path / f'dev.{fmt}'}}}, columns: {{text: text, label: label}}, label_names: {names}{extra}}}}}}}")
+    argv = [task, "name=works", "model.name=tiny-bert", "train.num_workers=1", "train.cpus_per_worker=1", "train.steps=1",
+            "train.eval_every=1", "train.checkpoint_every=1", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=0",
+            f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"data.cache_dir={tmp_path / 'cache'}"]
+    assert train.main(argv) == 0
+
+    manifest = json.loads(next((tmp_path / "cache" / "mine").glob("*/manifest.json")).read_text())
+    assert (manifest["counts"]["train"]["kept"], manifest["counts"]["validation"]["kept"]) == kept, manifest["counts"]
+    folder = next((tmp_path / "cache" / "mine").glob("*/manifest.json")).parent
+    cached = [t for split in ("train", "validation")
+              for t in pads.dataset(str(folder / f"split={split}"), format="parquet").to_table(columns=["text"])["text"].to_pylist()]
+    assert text in cached and not any(t.startswith("\ufeff") for t in cached)
+    record = json.loads(next((tmp_path / "runs").glob("works-*/run.json")).read_text())
+    assert record["result"]["steps"] == 1
+    assert set(record["result"]["dev_metrics"]["mine"]) == metrics

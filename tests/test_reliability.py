@@ -161,6 +161,42 @@ def test_worker_killed_mid_run_restarts_from_the_checkpoint(tmp_path, cache_dir,
           f"{result.dev_metrics} vs uninterrupted {ref.dev_metrics}")
 
 
+def test_failing_metric_keeps_the_step_and_resume_evaluates_it_first(tmp_path, cache_dir, reference, monkeypatch):
+    """A metric that raises at an evaluation (forced with MTL_FAULT_METRIC, forwarded to the workers) loses no
+    training: that step is checkpointed with its evaluation pending, the MLflow run is FAILED with one line,
+    and the error names the task, the metric and the --resume command; resuming evaluates that step first."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.errors import PipelineError
+
+    ref_cfg, ref = reference
+    cfg = load_config(None, _overrides(tmp_path, cache_dir))
+    monkeypatch.setenv("MTL_FAULT_METRIC", "bbc_news/macro_f1")
+    with pytest.raises(PipelineError) as caught:
+        train_driver(cfg, config_path="rel.yaml", log=lambda _: None)
+    (problem,) = caught.value.problems
+    run_dir = next((tmp_path / "runs").glob("rel-*/run.json")).parent
+    assert problem.where == "tasks.bbc_news" and "'macro_f1' failed at the evaluation of step 8" in problem.what
+    assert f"python jobs/train.py --config rel.yaml --resume {run_dir.name}" in problem.fix
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    run = MlflowClient(cfg.tracking.uri).get_run(run_id)
+    assert run.info.status == "FAILED" and "macro_f1" in run.data.tags["mtl.failure"]
+    assert [s for s, _ in _history(cfg.tracking.uri, run_id, "loss/total")] == list(range(1, 9))
+    assert _history(cfg.tracking.uri, run_id, "dev/score") == []
+    assert (run_dir / "step_0000008" / "meta.json").is_file()  # the failing step, checkpointed on the failure path
+
+    monkeypatch.delenv("MTL_FAULT_METRIC")
+    result = train_driver(cfg, resume=run_dir.name, log=lambda _: None)
+    assert result.run_id == run_id and result.steps == STEPS
+    assert MlflowClient(cfg.tracking.uri).get_run(run_id).info.status == "FINISHED"
+    assert [s for s, _ in _history(cfg.tracking.uri, run_id, "loss/total")] == list(range(1, STEPS + 1))  # none redone
+    assert [s for s, _ in _history(cfg.tracking.uri, run_id, "dev/score")] == [8, 16, 24]  # step 8 evaluated on resume
+    _tracks_the_reference(cfg.tracking.uri, run_id, ref_cfg.tracking.uri, ref.run_id, 8)
+    assert dict(_history(cfg.tracking.uri, run_id, "dev/score"))[8] == dict(_history(ref_cfg.tracking.uri, ref.run_id,
+                                                                                      "dev/score"))[8]
+    print(f"\nmetric failure at step 8: checkpoint step_0000008 kept; resumed at 8, evaluated 8 first, finished {STEPS}")
+
+
 def test_driver_killed_then_resume_continues_the_same_mlflow_run(tmp_path, cache_dir, reference, ray_session):
     ref_cfg, ref = reference
     overrides = _overrides(tmp_path, cache_dir)

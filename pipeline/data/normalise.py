@@ -24,7 +24,8 @@ SCHEMA = pa.schema([
     ("text_pair", pa.string()), ("label", pa.float64()), ("target", pa.string()), ("drop_reason", pa.string()),
 ])
 DROP_REASONS = ("unparsable", "empty_text", "empty_text_pair", "missing_label", "bad_label", "label_out_of_range",
-                "empty_target")
+                "label_not_a_name", "empty_target")
+BAD_LABEL_REASONS = ("bad_label", "label_out_of_range", "label_not_a_name")
 
 
 def row_id(*parts: Any) -> str:
@@ -70,6 +71,7 @@ class Normaliser:
     carve_from: str | None = None
     carve: Mapping[str, float] = field(default_factory=dict)
     carve_seed: int = 0
+    labels_by_name: bool = False  # a user task with label_names: a class index in the file is not a name
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out: dict[str, list] = {name: [] for name in SCHEMA.names}
@@ -169,6 +171,8 @@ class Normaliser:
             value = float(raw)
         except (TypeError, ValueError):
             return None, "bad_label"
+        if self.labels_by_name and names:
+            return None, "label_not_a_name"
         if not value.is_integer():
             return None, "bad_label"
         return (value, "") if 0 <= value < spec.num_labels else (None, "label_out_of_range")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.config import Config
+from pipeline.data.normalise import BAD_LABEL_REASONS
 from pipeline.data.sources import ResolvedSource, read_files, read_hub, resolve_source
 from pipeline.data.tokenize import Tokenizer
 from pipeline.errors import PipelineError, Problem
@@ -32,7 +33,7 @@ from pipeline.tasks.spec import SPLITS, HubSource, TaskSpec
 
 SMALL_SPLIT_BYTES = 64 * 2**20  # PreparedTask.materialized: below this, ordered in the calling process
 MAX_PASSES = 64  # PreparedTask.materialized: most copies of a small split in one dataset
-CACHE_VERSION = 2  # bump when the cached schema or the normalisation rules change
+CACHE_VERSION = 3  # bump when the cached schema or the normalisation rules change
 MANIFEST = "manifest.json"
 
 
@@ -199,8 +200,8 @@ def _prepare(cfg: Config, spec: TaskSpec, resolved: ResolvedSource, tokenizer_fp
     try:
         ds.write_parquet(str(tmp), partition_cols=["split"])
         counts, examples = _count(tmp)
+        _check_labels(spec, counts, examples, resolved, cfg.data.max_bad_labels)  # the more specific message first
         _check_not_empty(spec, counts)
-        _check_labels(spec, counts, examples, resolved, cfg.data.max_bad_labels)
         seconds = time.monotonic() - start
         manifest = {
             "key": key, "task": spec.name, "kind": spec.kind, "source": resolved.description,
@@ -264,18 +265,22 @@ def _check_labels(spec: TaskSpec, counts: dict, examples: list, resolved: Resolv
     """Too many unusable labels means a wrong label mapping, not a few bad rows: an error per split."""
     problems = []
     for split, c in counts.items():
-        bad = c["dropped"].get("bad_label", 0) + c["dropped"].get("label_out_of_range", 0)
+        bad = sum(c["dropped"].get(r, 0) for r in BAD_LABEL_REASONS)
         if bad and bad > limit * c["rows"]:
-            rows = [e for e in examples if e["split"] == split and e["drop_reason"] in ("bad_label", "label_out_of_range")]
+            rows = [e for e in examples if e["split"] == split and e["drop_reason"] in BAD_LABEL_REASONS]
             where = ", ".join(map(str, resolved.files.get(split, []))) or resolved.description
             expected = (f"names {spec.label_names}" if spec.label_names else f"0..{spec.num_labels - 1}"
                         if spec.kind == "classification" else f"within {spec.label_range}")
+            numbers = c["dropped"].get("label_not_a_name", 0)
+            what = (f"{numbers:,} of {c['rows']:,} rows have numbers as labels, but label_names lists names "
+                    f"{spec.label_names}" if numbers * 2 >= bad else
+                    f"{bad:,} of {c['rows']:,} rows have labels that are not {expected}")
+            fix = ("write the names in the label column, or drop label_names and set num_labels (labels 0..N-1)"
+                   if numbers * 2 >= bad else "fix the label column or the task's label_names/num_labels/label_range")
             problems.append(Problem(
                 f"{where} (task {spec.name}, split {split})",
-                f"{bad:,} of {c['rows']:,} rows have labels that are not {expected} (e.g. rows "
-                + ", ".join(f"{e['id']} {e['text'][:40]!r}" for e in rows[:3]) + ")",
-                f"fix the label column or the task's label_names/num_labels/label_range; up to data.max_bad_labels="
-                f"{limit:g} of a split such rows are dropped and counted instead"))
+                what + " (e.g. rows " + ", ".join(f"{e['id']} {e['text'][:40]!r}" for e in rows[:3]) + ")",
+                f"{fix}; up to data.max_bad_labels={limit:g} of a split such rows are dropped and counted instead"))
     if problems:
         raise PipelineError(problems)
 

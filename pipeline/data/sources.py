@@ -96,14 +96,19 @@ def _resolve_files(spec: TaskSpec, source: FilesSource, data: DataConfig) -> Res
                     paths.append(str(Path(m).resolve()))
         files[split] = paths
         for path in paths:
+            if source.format in ("tsv", "csv", "jsonl"):
+                unusable = _decode_problem(spec, source, path) or _empty_problem(spec, source, path, split, entry.column_names)
+                if unusable is not None:
+                    problems.append(unusable)
+                    continue
             if source.format in ("tsv", "csv"):
-                names, header = _header(path, source.format, entry.column_names)
+                names, header = _header(path, source.format, entry.column_names, source.encoding)
                 names_of_path[_norm(path)] = names
                 if header is not None:
                     header_of_path[_norm(path)] = header
                 problems += _check_columns(spec, source, path, names, split in unlabelled)
             elif source.format == "jsonl":
-                problems += _check_columns(spec, source, path, _jsonl_keys(path), split in unlabelled)
+                problems += _check_columns(spec, source, path, _jsonl_keys(path, source.encoding), split in unlabelled)
             elif source.format == "parquet":
                 import pyarrow.parquet as pq
                 problems += _check_columns(spec, source, path, pq.read_schema(path).names, split in unlabelled)
@@ -120,10 +125,11 @@ def _resolve_files(spec: TaskSpec, source: FilesSource, data: DataConfig) -> Res
     layout = {"tsv": "lines", "jsonl": "lines", "text_folders": "text_folders"}.get(source.format, "table")
     normaliser = Normaliser(spec, source.columns, layout, source.format, split_of_path, names_of_path, header_of_path,
                             frozenset(unlabelled), dict(source.where), source.carve_from, dict(source.carve),
-                            data.carve_seed)
+                            data.carve_seed, labels_by_name=source.root == "" and bool(spec.label_names))
     n = sum(map(len, files.values()))
+    folder = os.path.commonpath([os.path.dirname(p) for ps in files.values() for p in ps]) if n else str(root)
     return ResolvedSource(spec.name, source, files, digest.hexdigest()[:16],
-                          f"{source.format} files under {root} ({n} file{'s' * (n != 1)})", normaliser)
+                          f"{source.format} files under {folder} ({n} file{'s' * (n != 1)})", normaliser)
 
 
 def _missing_fix(spec: TaskSpec, source: FilesSource) -> str:
@@ -134,9 +140,73 @@ def _missing_fix(spec: TaskSpec, source: FilesSource) -> str:
     return f"fix the path under tasks.{spec.name}.define.files (relative paths start at the working directory)"
 
 
-def _header(path: str, fmt: str, declared: tuple[str, ...] | None) -> tuple[tuple[str, ...], str | None]:
+def _decode_problem(spec: TaskSpec, source: FilesSource, path: str) -> Problem | None:
+    """A text file that does not decode with the task's encoding: the line and byte offset of the first
+    bad byte (Ray Data would otherwise fail mid-read with a bare UnicodeDecodeError)."""
+    import codecs
+    decoder = codecs.getincrementaldecoder(source.encoding)()
+    with open(path, "rb") as fh:
+        try:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+            return None
+        except UnicodeDecodeError:
+            pass
+    offset, number, start, bad = 0, 0, 0, b""  # the defaults: a multi-byte sequence cut at the end of the file
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, 1):
+            try:
+                line.decode(source.encoding)
+            except UnicodeDecodeError as err:
+                start, bad = err.start, line[err.start:err.end]
+                break
+            offset += len(line)
+    at = offset + start
+    key = f"tasks.{spec.name}.define.encoding" if source.root == "" else None
+    fix = (f"save the file as {source.encoding}, or set {key} to the file's encoding (e.g. latin-1, cp1252)" if key else
+           f"the file is damaged or not the expected {spec.name} file: fetch it again")
+    return Problem(f"{path}:{number}", f"not valid {source.encoding} text: byte {bad.hex() or 'end'} at offset {at:,}",
+                   fix)
+
+
+def _empty_problem(spec: TaskSpec, source: FilesSource, path: str, split: str,
+                   declared: tuple[str, ...] | None) -> Problem | None:
+    """A text file with no rows (empty, only a header, or JSONL whose first line is not an object) is
+    named here, instead of surfacing later as 'no usable rows left'."""
+    fix = (f"put rows in it, or remove it from tasks.{spec.name}.define.files" if source.root == "" else
+           f"the file is damaged or not the expected {spec.name} file: fetch it again")
+    with open(path, encoding=_python_encoding(source.encoding), newline="") as fh:
+        first = fh.readline()
+        if not first.strip():
+            rest = first + fh.read(1 << 16)
+            if not rest.strip():
+                return Problem(path, f"file is empty (task {spec.name}, split {split})", fix)
+        if source.format in ("tsv", "csv") and not declared:
+            while chunk := fh.read(1 << 16):
+                if chunk.strip():
+                    return None
+            return Problem(f"{path}:1", f"only a header line, no rows (task {spec.name}, split {split})", fix)
+    if source.format == "jsonl":
+        with open(path, encoding=_python_encoding(source.encoding)) as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    return None  # a malformed line is counted as unparsable; the rest may be fine
+                if not isinstance(record, dict):
+                    kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(record), "a number")
+                    return Problem(f"{path}:{number}", f"line is {kind}, but every JSONL line must be a JSON object", 'write one object per line, e.g. {"text": "...", "label": "..."}')
+                return None
+    return None
+
+
+def _header(path: str, fmt: str, declared: tuple[str, ...] | None,
+            encoding: str = "utf-8") -> tuple[tuple[str, ...], str | None]:
     """Column names of a TSV/CSV file and the header line to skip (None for header-less files)."""
-    with open(path, encoding="utf-8-sig", newline="") as fh:
+    with open(path, encoding=_python_encoding(encoding), newline="") as fh:
         first = fh.readline().rstrip("\r\n")
     if declared:  # header-less file (CoLA train/dev): every line is data
         return tuple(declared), None
@@ -146,8 +216,14 @@ def _header(path: str, fmt: str, declared: tuple[str, ...] | None) -> tuple[tupl
     return tuple(next(csv.reader([first]))), first
 
 
-def _jsonl_keys(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as fh:
+def _python_encoding(encoding: str) -> str:
+    """UTF-8 is read as utf-8-sig: a byte-order mark at the start of a file is not part of its first line."""
+    import codecs
+    return "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+
+
+def _jsonl_keys(path: str, encoding: str = "utf-8") -> list[str]:
+    with open(path, encoding=_python_encoding(encoding)) as fh:
         for line in fh:
             if line.strip():
                 try:
@@ -187,15 +263,16 @@ def read_files(resolved: ResolvedSource, num_cpus: float = 1):
     source = resolved.source
     paths = [p for ps in resolved.files.values() for p in ps]
     blocks = max(4, resolved.num_bytes // BYTES_PER_BLOCK, len(paths))
-    if source.format in ("tsv", "jsonl"):
-        return ray.data.read_text(paths, include_paths=True, override_num_blocks=blocks, num_cpus=num_cpus)
+    if source.format in ("tsv", "jsonl"):  # a UTF-8 byte-order mark is stripped by the normaliser
+        return ray.data.read_text(paths, include_paths=True, override_num_blocks=blocks, num_cpus=num_cpus,
+                                  encoding=source.encoding)
     if source.format == "text_folders":
         return ray.data.read_binary_files(paths, include_paths=True, num_cpus=num_cpus,
                                           override_num_blocks=min(len(paths), 64))
     if source.format == "parquet":
         return ray.data.read_parquet(paths, include_paths=True, num_cpus=num_cpus)
     declared = {s.column_names for s in source.splits.values() if s.column_names}
-    read_options = pacsv.ReadOptions(column_names=list(declared.pop())) if declared else None
+    read_options = pacsv.ReadOptions(column_names=list(declared.pop()) if declared else None, encoding=source.encoding)
     return ray.data.read_csv(paths, include_paths=True, override_num_blocks=blocks, num_cpus=num_cpus,
                              read_options=read_options,
                              convert_options=pacsv.ConvertOptions(strings_can_be_null=True))

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -44,15 +45,43 @@ def rouge(predictions: Sequence[str], references: Sequence[str], types: Sequence
     return {t: float(np.mean([s[t].fmeasure for s in scores])) if scores else 0.0 for t in types}
 
 
+class MetricFailed(Exception):
+    """A task's metric raised while scoring predictions (training is not at fault: the step is kept)."""
+
+    def __init__(self, task: str, metric: str, error: str):
+        self.task, self.metric, self.error = task, metric, error
+        super().__init__(f"task {task}: metric {metric!r} failed ({error})")
+
+
+# Fault injection for tests (like Ray's own RAY_testing_* variables): "task/metric" makes that metric
+# raise when it is computed. The training driver forwards it to its workers.
+FAULT_METRIC = "MTL_FAULT_METRIC"
+
+
 def task_metrics(spec: TaskSpec, predictions: Sequence, references: Sequence) -> dict[str, float]:
     """Every metric the task declares. Classification predictions are class indices; summarization
-    predictions and references are texts."""
+    predictions and references are texts. A metric that raises becomes `MetricFailed` naming it."""
+    injected = os.environ.get(FAULT_METRIC, "")
     if spec.kind == "summarization":
-        return rouge(predictions, references, [m for m in spec.metrics if m in ROUGE_TYPES])
-    preds, refs = np.asarray(predictions), np.asarray(references)
-    if spec.kind == "classification":
-        preds, refs = preds.astype(np.int64), refs.astype(np.int64)
-    return {name: METRIC_FUNCTIONS[name](preds, refs) for name in spec.metrics if name in METRIC_FUNCTIONS}
+        names, fns = [m for m in spec.metrics if m in ROUGE_TYPES], None
+    else:
+        preds, refs = np.asarray(predictions), np.asarray(references)
+        if spec.kind == "classification":
+            preds, refs = preds.astype(np.int64), refs.astype(np.int64)
+        names = [m for m in spec.metrics if m in METRIC_FUNCTIONS]
+    for name in names:
+        if injected == f"{spec.name}/{name}":
+            raise MetricFailed(spec.name, name, f"RuntimeError: injected by ${FAULT_METRIC}")
+    try:
+        if spec.kind == "summarization":
+            return rouge(predictions, references, names)
+        out = {}
+        for name in names:
+            out[name] = METRIC_FUNCTIONS[name](preds, refs)
+        return out
+    except Exception as err:  # noqa: BLE001 - any library error becomes one line naming the task and metric
+        metric = name if spec.kind != "summarization" else ",".join(names)
+        raise MetricFailed(spec.name, metric, f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from err
 
 
 def multitask_score(per_task: Mapping[str, Mapping[str, float]], specs: Mapping[str, TaskSpec]) -> float:

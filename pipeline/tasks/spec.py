@@ -25,6 +25,14 @@ METRICS_BY_KIND: dict[str, tuple[str, ...]] = {
 }
 
 
+def default_metrics(kind: str, num_labels: int = 0) -> tuple[str, ...]:
+    """Metrics of a task that declares none: accuracy + F1 (binary F1 for two classes, macro F1 for
+    more), Pearson + Spearman, or ROUGE."""
+    if kind == "classification":
+        return ("accuracy", "f1") if num_labels <= 2 else ("accuracy", "macro_f1")
+    return ("pearson", "spearman") if kind == "regression" else METRICS_BY_KIND["summarization"]
+
+
 @dataclass(frozen=True)
 class Columns:
     """Which source columns hold what. Names refer to the header (or declared column names)."""
@@ -62,6 +70,7 @@ class FilesSource:
     where: Mapping[str, str] = field(default_factory=dict)  # keep rows whose column equals value
     carve_from: str | None = None
     carve: Mapping[str, float] = field(default_factory=dict)
+    encoding: str = "utf-8"  # of text files (TSV, CSV, JSONL); a UTF-8 byte-order mark is stripped
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,9 @@ class TaskSpec:
         for m in self.metrics:
             if m not in allowed:
                 problems.append(Problem(f"{where}.metrics", f"{m!r} does not apply to {self.kind}", f"use one of {list(allowed)}"))
+            elif m == "f1" and self.num_labels > 2:  # scikit-learn's binary F1 refuses more than two classes
+                problems.append(Problem(f"{where}.metrics", f"'f1' is binary F1, but the task has {self.num_labels} classes",
+                                        "use 'macro_f1' (F1 averaged over classes) instead"))
         for src in (self.local, self.hub):
             if src is None:
                 continue

@@ -23,6 +23,8 @@ from pipeline import storage
 from pipeline.config import Config, config_to_dict
 from pipeline.data.preprocess import PreparedTask, prepare_tasks
 from pipeline.errors import PipelineError, Problem
+from pipeline.train.failure import (RunFailed, clear_failure, last_checkpoint_step, log_failure, resume_command,
+                                    take_failure, what_died)
 from pipeline.train.mixing import normalise_weights, sampling_ratios
 from pipeline.train.tracking import experiment_id, flatten_params, open_tracking, redact, replay_spool, tracking_uri, warn
 
@@ -196,12 +198,38 @@ def _finish_mlflow(client, run_id: str, run_dir: str, log: Callable[[str], None]
              f"{run_dir.rstrip('/').rsplit('/', 1)[-1]}` with the server up to send the kept metrics and the model")
 
 
+def _end_failed(client, run_id: str | None, status: str, line: str) -> None:
+    """MLflow says how the run ended, in one line (the original error matters more if the server is away)."""
+    if client is None:
+        return
+    try:
+        client.set_tag(run_id, "mtl.failure", line[:5000])
+        client.set_terminated(run_id, status=status)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _worker_env() -> dict | None:
+    """Fault-injection variables of this process (tests), forwarded to the training workers."""
+    import os
+
+    from pipeline.eval.metrics import FAULT_METRIC
+    env = {k: os.environ[k] for k in (FAULT_METRIC,) if k in os.environ}
+    return {"env_vars": env} if env else None
+
+
 def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | None = None,
                  log: Callable[[str], None] = print, run_name: str | None = None,
-                 parent_run_id: str | None = None, callbacks: list | None = None) -> TrainResult:
+                 parent_run_id: str | None = None, callbacks: list | None = None,
+                 overrides: list[str] | None = None) -> TrainResult:
     """Train `cfg` to the end. `run_name` fixes the run's name (a Tune trial passes one derived from
     its trial id, and a restored trial with that name continues its run); `parent_run_id` nests the
-    MLflow run; `callbacks` go to Ray Train's RunConfig (e.g. Tune's TuneReportCallback)."""
+    MLflow run; `callbacks` go to Ray Train's RunConfig (e.g. Tune's TuneReportCallback); `overrides`
+    (the command line's key=value) only shape the `--resume` command printed when the run fails.
+
+    A run that stops early stays resumable: a failing evaluation metric raises PipelineError (after
+    its step was checkpointed), any other fault RunFailed — each one line naming the fix and the
+    `--resume` command, the traceback in `<run dir>/failure.log`."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -212,6 +240,11 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     specs = cfg.task_specs()
     check_resources(cfg, log)
     run_name, run_dir, previous = _run_dir(cfg, resume, run_name)
+    if previous is not None and previous.get("config", {}).get("name") not in (None, cfg.name):
+        raise PipelineError.one("--resume", f"run {run_name!r} was made from the config named "
+                                f"{previous['config']['name']!r}, not {cfg.name!r}",
+                                f"resume it with the config it was made from (name: {previous['config']['name']}), "
+                                "or start a new run without --resume")
     done = (previous or {}).get("result")
     if done and done["steps"] >= cfg.train.steps:  # a finished run: only what MLflow may still lack
         uri = tracking_uri(cfg.tracking.uri)
@@ -239,6 +272,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
         if client is not None:
             _log_run_start(client, run_id, cfg, prepared, weights, ratios, config_path, run_dir)
     log(f"run {run_name} in {run_dir}" + (f"; MLflow run {run_id} at {uri}" if run_id else "; no MLflow tracking"))
+    clear_failure(run_dir)
 
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False  # per-worker split bars would drown the step lines
@@ -260,18 +294,32 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
             name=run_name, storage_path=storage.resolve(cfg.train.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=list(callbacks or [])),
+            worker_runtime_env=_worker_env(), callbacks=list(callbacks or [])),
         datasets=datasets,
     )
+    resume_with = resume_command(config_path, run_name, overrides)
     try:
         result = trainer.fit()
-    except BaseException as err:  # the run stays resumable (--resume); MLflow says how it ended
-        if client is not None:
-            try:
-                client.set_terminated(run_id, status="KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-            except Exception:  # the tracking server is away too: the original error matters more
-                pass
+    except KeyboardInterrupt:
+        _end_failed(client, run_id, "KILLED", f"interrupted; continue with: {resume_with}")
         raise
+    except Exception as err:  # the run stays resumable; one line says what died and how to continue
+        logged = log_failure(run_dir, err)
+        step = last_checkpoint_step(run_dir)
+        line = (f"run {run_name} failed: {what_died(err)}; "
+                + (f"last checkpoint: step {step}" if step is not None else "no checkpoint yet (it restarts from step 0)")
+                + f"; continue with: {resume_with} (traceback: {logged})")
+        _end_failed(client, run_id, "FAILED", line)
+        raise RunFailed(line) from err
+    failed = take_failure(run_dir)
+    if failed is not None:  # an evaluation metric raised: the step is checkpointed, its evaluation pending
+        task, metric = failed["task"], failed["metric"]
+        where = (f"tasks.{task}.define.metrics" if cfg.tasks[task].define is not None else f"tasks.{task}")
+        what = f"metric {metric!r} failed at the evaluation of step {failed['step']} ({failed['error']})"
+        fix = (f"fix the task's metrics, then continue from the checkpoint of step {failed['step']} (its evaluation "
+               f"runs first): {resume_with}")
+        _end_failed(client, run_id, "FAILED", f"{where}: {what} — {fix}")
+        raise PipelineError.one(where, what, fix)
     metrics = result.metrics or {}
     dev_metrics: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():

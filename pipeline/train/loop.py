@@ -87,6 +87,14 @@ def batches_forever(shard, batch_size: int, pad_id: int, seed: int,
             raise RuntimeError("a task's training shard is empty on this worker: use fewer workers or more rows")
 
 
+def skip_inference_comm_op() -> None:
+    """DeepSpeed builds its CPU shared-memory all-reduce op whenever a CPU engine starts (a JIT compile of
+    about 73 s on a fresh machine). Only DeepSpeed-Inference's tensor-parallel `inference_all_reduce` uses
+    it; training collectives go through torch.distributed (gloo) either way. Not built."""
+    import deepspeed.comm.torch as ds_torch
+    ds_torch.build_shm_op = lambda: None
+
+
 def set_clip(engine, optimizer, value: float) -> None:
     """Set the gradient-clipping threshold DeepSpeed applies at the next step (stage 0 reads the
     engine's config; the ZeRO, bf16 and fp16 optimizers keep their own copy)."""
@@ -218,8 +226,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from pipeline.config import Config
-    from pipeline.eval.metrics import multitask_score, task_metrics
+    from pipeline.eval.metrics import MetricFailed, multitask_score, task_metrics
     from pipeline.train.artifacts import publish_model
+    from pipeline.train.failure import write_failure
 
     cfg = Config.model_validate(config["config"])
     train = cfg.train.model_dump()
@@ -242,6 +251,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     groups = model.param_groups(train["lr"], train["weight_decay"], head_mult)
     schedule = lr_lambda(train["schedule"], train["warmup_steps"], train["steps"])
     optimizer = None if train["offload_optimizer"] else torch.optim.AdamW(groups, lr=train["lr"])
+    skip_inference_comm_op()
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         config=deepspeed_config(train, world))
@@ -250,7 +260,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
     # State, restored from the latest checkpoint when the run is resumed or restarted.
     sampler = TaskSampler(config["ratios"], cfg.seed)
-    step, best_score, run_id = 0, -math.inf, config["run_id"]
+    step, best_score, run_id, pending_eval = 0, -math.inf, config["run_id"], False
     resume_warnings: list[str] = []
     taken: set[str] = set()  # checkpoint folder names that exist already (a restart redoes their steps)
     checkpoint = ray.train.get_checkpoint()
@@ -267,6 +277,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if "weighting" in client:  # checkpoints from before dynamic weighting were static
             weighting.load_state_dict(client["weighting"])
         step, best_score = client["step"], client["best_score"]
+        pending_eval = client.get("pending_eval", False)  # saved when this step's evaluation failed
         run_id = client["run_id"] or run_id  # keep logging into the same MLflow run
         torch.set_rng_state(client["torch_rng"])
         if rank == 0:
@@ -294,12 +305,51 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if train["profile"]:
         comm_seconds()  # start counting now (not engine start-up)
 
+    last_results: dict[str, tuple[list, list]] = {}
+
+    def dev_evaluation(step: int) -> dict[str, float]:
+        """Dev metrics at `step` (every rank gets the same numbers); a better score publishes best_model/.
+        A metric that raises is MetricFailed on every rank alike (the predictions are gathered first)."""
+        nonlocal best_score, last_results
+        results = last_results = evaluate(engine, model, dev, train["eval_batch_size"], pad_id, rank, world, prompts,
+                                          max_new, tokenizer, synced)
+        per_task = {t: task_metrics(specs[t], p, r) for t, (p, r) in results.items()}
+        score = multitask_score(per_task, specs)
+        out = {f"dev/{t}/{m}": v for t, ms in per_task.items() for m, v in ms.items()}
+        out["dev/score"] = score
+        if rank == 0:
+            say(f"eval step {step}: score {score:.2f} " + " ".join(
+                f"{t}:{m}={v:.4f}" for t, ms in per_task.items() for m, v in ms.items()))
+        if score > best_score:
+            best_score = score
+            publish_model(engine, model, tokenizer, config["run_dir"], "best_model", rank,
+                          {"step": step, "score": score, "per_task": per_task, "run_id": run_id, **config["meta"]})
+        out["dev/best_score"] = best_score
+        out["is_best"] = float(best_score == score)
+        return out
+
+    def failed(err: MetricFailed, step: int) -> None:
+        """Every rank stops here alike; rank 0 records what failed for the driver and MLflow."""
+        if rank == 0:
+            shout(f"evaluation at step {step} failed: {err}; the checkpoint of step {step} is kept")
+            write_failure(config["run_dir"], {"step": step, "task": err.task, "metric": err.metric, "error": err.error})
+            if tracker is not None:
+                tracker.flush_or_spool()
+
+    if pending_eval:  # the evaluation this checkpoint's step could not finish comes first
+        try:
+            evaluated = dev_evaluation(step)
+        except MetricFailed as err:
+            return failed(err, step)
+        if tracker is not None:
+            tracker.log_metrics(evaluated, step)
+
     window = new_window()
     deadline = time.monotonic() + 60 * train["max_minutes"] if train["max_minutes"] else None
-    last_results: dict[str, tuple[list, list]] = {}
     engine.train()
     last = step >= train["steps"]
-    while not last:
+    failure: MetricFailed | None = None
+    while not last and failure is None:
         task = sampler.next()
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * schedule(step)
@@ -377,29 +427,19 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
 
         paused, paused_cpu = time.perf_counter(), cpu_seconds()
         if step % train["eval_every"] == 0 or last:
-            results = last_results = evaluate(engine, model, dev, train["eval_batch_size"], pad_id, rank, world, prompts, max_new,
-                               tokenizer, synced)
-            per_task = {t: task_metrics(specs[t], p, r) for t, (p, r) in results.items()}
-            score = multitask_score(per_task, specs)
-            metrics.update({f"dev/{t}/{m}": v for t, ms in per_task.items() for m, v in ms.items()})
-            metrics["dev/score"] = score
-            if rank == 0:
-                say(f"eval step {step}: score {score:.2f} " + " ".join(
-                    f"{t}:{m}={v:.4f}" for t, ms in per_task.items() for m, v in ms.items()))
-            if score > best_score:
-                best_score = score
-                publish_model(engine, model, tokenizer, config["run_dir"], "best_model", rank,
-                              {"step": step, "score": score, "per_task": per_task, "run_id": run_id, **config["meta"]})
-            metrics["dev/best_score"] = best_score
-            metrics["is_best"] = float(best_score == score)
+            try:
+                metrics.update(dev_evaluation(step))
+            except MetricFailed as err:  # training is kept: this step is checkpointed below, evaluation pending
+                failure = err
 
         if tracker is not None and metrics:
             tracker.log_metrics(metrics, step)
 
-        if step % train["checkpoint_every"] == 0 or last:
+        if step % train["checkpoint_every"] == 0 or last or failure is not None:
             folder = tempfile.mkdtemp(prefix="mtl-ckpt-")
             client = {"step": step, "sampler": sampler.state_dict(), "best_score": best_score, "run_id": run_id,
-                      "torch_rng": torch.get_rng_state(), "weighting": weighting.state_dict()}
+                      "torch_rng": torch.get_rng_state(), "weighting": weighting.state_dict(),
+                      "pending_eval": failure is not None}
             engine.save_checkpoint(folder, tag=DS_TAG, client_state=client)
             if rank == 0:
                 with open(os.path.join(folder, "meta.json"), "w") as fh:
@@ -415,6 +455,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             shutil.rmtree(folder, ignore_errors=True)
         window["paused"] += time.perf_counter() - paused
         window["paused_cpu"] += cpu_seconds() - paused_cpu
+
+    if failure is not None:
+        return failed(failure, step)
 
     # What each rank held (model states, measured once) and its peak RSS, logged by rank 0.
     held = [None] * world
