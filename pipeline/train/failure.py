@@ -60,8 +60,9 @@ def resume_command(config_path: str | None, run_name: str, overrides: list[str] 
 def what_died(err: BaseException) -> str:
     """One line on the cause: the failing worker(s) and their error, not the whole traceback."""
     failures = getattr(err, "worker_failures", None)  # Ray Train's WorkerGroupError: {rank: exception}
-    if failures:
-        rank, first = sorted(failures.items())[0]
+    if failures:  # a dead process first: its peers' errors ("Connection reset by peer") are consequences
+        rank, first = sorted(failures.items(), key=lambda kv: ("ActorDied" not in type(kv[1]).__name__
+                                                               and "ActorError" not in type(kv[1]).__name__, kv[0]))[0]
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         return f"training worker rank {rank} failed{more}: {_first_line(first)}"
     cause = err.__cause__ or err
