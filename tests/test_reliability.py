@@ -230,6 +230,7 @@ def test_failing_metric_keeps_the_step_and_resume_evaluates_it_first(tmp_path, c
     assert MlflowClient(cfg.tracking.uri).get_run(run_id).info.status == "FINISHED"
     assert [s for s, _ in _history(cfg.tracking.uri, run_id, "loss/total")] == list(range(1, STEPS + 1))  # none redone
     assert [s for s, _ in _history(cfg.tracking.uri, run_id, "dev/score")] == [8, 16, 24]  # step 8 evaluated on resume
+    assert (run_dir / "step_0000024").is_dir() and not (run_dir / "failure.json").exists()
     _tracks_the_reference(cfg.tracking.uri, run_id, ref_cfg.tracking.uri, ref.run_id, 8)
     assert dict(_history(cfg.tracking.uri, run_id, "dev/score"))[8] == dict(_history(ref_cfg.tracking.uri, ref.run_id,
                                                                                       "dev/score"))[8]

@@ -336,13 +336,34 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             if tracker is not None:
                 tracker.flush_or_spool()
 
-    if pending_eval:  # the evaluation this checkpoint's step could not finish comes first
+    def save_checkpoint(step: int, metrics: dict[str, float], pending_eval: bool = False) -> None:
+        """Every rank saves its DeepSpeed shards plus the loop's state, then reports them as one checkpoint."""
+        folder = tempfile.mkdtemp(prefix="mtl-ckpt-")
+        client = {"step": step, "sampler": sampler.state_dict(), "best_score": best_score, "run_id": run_id,
+                  "torch_rng": torch.get_rng_state(), "weighting": weighting.state_dict(), "pending_eval": pending_eval}
+        engine.save_checkpoint(folder, tag=DS_TAG, client_state=client)
+        if rank == 0:
+            with open(os.path.join(folder, "meta.json"), "w") as fh:
+                json.dump({"step": step, "world": world, "run_id": run_id, "best_score": best_score,
+                           "sampler": sampler.state_dict()}, fh)
+        write_manifest(folder, rank)  # last: what this rank wrote, checked before any resume loads it
+        report = {"step": step, "best_score": best_score, **{f"steps/{t}": c for t, c in sampler.counts.items()},
+                  **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
+        if tracker is not None:
+            tracker.flush_or_spool()
+        name = dir_name(step, taken)
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+        taken.add(name)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    if pending_eval:  # the evaluation this checkpoint's step could not finish comes first, then a clean checkpoint
         try:
             evaluated = dev_evaluation(step)
         except MetricFailed as err:
             return failed(err, step)
         if tracker is not None:
             tracker.log_metrics(evaluated, step)
+        save_checkpoint(step, evaluated)
 
     window = new_window()
     deadline = time.monotonic() + 60 * train["max_minutes"] if train["max_minutes"] else None
@@ -436,23 +457,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             tracker.log_metrics(metrics, step)
 
         if step % train["checkpoint_every"] == 0 or last or failure is not None:
-            folder = tempfile.mkdtemp(prefix="mtl-ckpt-")
-            client = {"step": step, "sampler": sampler.state_dict(), "best_score": best_score, "run_id": run_id,
-                      "torch_rng": torch.get_rng_state(), "weighting": weighting.state_dict(),
-                      "pending_eval": failure is not None}
-            engine.save_checkpoint(folder, tag=DS_TAG, client_state=client)
-            if rank == 0:
-                with open(os.path.join(folder, "meta.json"), "w") as fh:
-                    json.dump({"step": step, "world": world, "run_id": run_id, "best_score": best_score,
-                               "sampler": sampler.state_dict()}, fh)
-            write_manifest(folder, rank)  # last: what this rank wrote, checked before any resume loads it
-            report = {"step": step, "best_score": best_score, **{f"steps/{t}": c for t, c in sampler.counts.items()},
-                      **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
-            if tracker is not None:
-                tracker.flush_or_spool()
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=dir_name(step, taken))
-            shutil.rmtree(folder, ignore_errors=True)
+            save_checkpoint(step, metrics, pending_eval=failure is not None)
         window["paused"] += time.perf_counter() - paused
         window["paused_cpu"] += cpu_seconds() - paused_cpu
 
