@@ -208,7 +208,9 @@ def test_user_tasks_from_every_format_count_bad_rows_by_reason(tmp_path, cache_d
     train = {name: t.manifest["counts"]["train"] for name, t in prepared.items()}
     assert train["u_tsv"] == {"rows": 9, "kept": 5, "dropped": {"unparsable": 1, "empty_text": 1,
                                                                  "missing_label": 1, "bad_label": 1}}
-    assert train["u_csv"] == {"rows": 4, "kept": 2, "dropped": {"empty_text": 1, "label_out_of_range": 1}}
+    # "2" under label_names [neg, pos]: a class index where the file should hold names (numbers out of range
+    # are label_out_of_range only for tasks declared with num_labels).
+    assert train["u_csv"] == {"rows": 4, "kept": 2, "dropped": {"empty_text": 1, "label_not_a_name": 1}}
     assert train["u_jsonl"] == {"rows": 3, "kept": 2, "dropped": {"unparsable": 1}}
     assert train["u_parquet"] == {"rows": 3, "kept": 2, "dropped": {"empty_text": 1}}
     texts = {r["text"] for r in prepared["u_csv"].dataset("train").take_all()}
@@ -233,9 +235,9 @@ def test_bad_sources_fail_before_any_work_with_file_and_fix(tmp_path, cache_dir)
 
 
 def test_a_task_with_no_rows_left_is_an_error_and_leaves_no_cache(tmp_path):
-    (tmp_path / "t.tsv").write_text("text\tlabel\na\tx\nb\ty\n")
+    (tmp_path / "t.tsv").write_text("text\tlabel\n\tpos\n \tneg\n")
     tasks = f"{{empty: {{define: {_define('tsv', {'train': str(tmp_path / 't.tsv')})}}}}}"
-    with pytest.raises(PipelineError, match=r"tasks.empty: no usable rows left in train \(dropped: bad_label 2\)"):
+    with pytest.raises(PipelineError, match=r"tasks.empty: no usable rows left in train \(dropped: empty_text 2\)"):
         prepare_tasks(_cfg(tmp_path / "cache", tasks), log=lambda _: None)
     leftovers = list((tmp_path / "cache").rglob("*")) if (tmp_path / "cache").exists() else []
     assert not [p for p in leftovers if p.is_file()], leftovers
