@@ -48,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_config
     from pipeline.data.preprocess import prepare_tasks
     from pipeline.runtime import init_ray
-    from pipeline.train.driver import _dev_rows, train_driver
+    from pipeline.train.driver import dev_rows, train_driver
     from pipeline.train.tracking import experiment_id, open_tracking, tracking_uri
 
     start = time.monotonic()
     config_path = BUDGETS[args.budget] if args.budget else args.config
     cfg = load_config(config_path, args.overrides)
     specs = cfg.task_specs()
-    init_ray()
+    init_ray(verbose=args.verbose)
     prepared = prepare_tasks(cfg)  # fail on data problems before any training starts
     out = output_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         if spec.kind == "summarization" or not steps.get(t):
             continue
         print(f"\n=== Bi-LSTM + attention: {t} for {steps[t]} steps ===", flush=True)
-        dev = _dev_rows(prepared[t], cfg.tasks[t].max_rows.get("validation"), cfg.seed)
+        dev = dev_rows(prepared[t], cfg.tasks[t].max_rows.get("validation"), cfg.seed)
         bilstm.append(run_bilstm(cfg, prepared, t, steps[t], dev, tracking))
     if bilstm:
         rows.append(merge_rows("Bi-LSTM + attention (from scratch, one per task)", bilstm))

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a working dir without install
 
 from pipeline.errors import PipelineError, exits_on_bad_input  # noqa: E402
+from pipeline.train.rundir import BEST_MODEL, MODEL_META, RUN_RECORD  # noqa: E402
 from pipeline.runtime import default_storage, output_dir  # noqa: E402
 
 READERS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -53,18 +54,18 @@ def _model_folder(model: str, storage_path: str) -> str:
         return model
     if storage.is_uri(model) or (not Path(model).expanduser().exists() and storage.is_uri(storage_path)):
         location = model if storage.is_uri(model) else storage.join(storage_path, model)
-        if storage.is_file(storage.join(location, "run.json")):
-            location = storage.join(location, "best_model")
-        if not storage.is_file(storage.join(location, "mtl_model.json")):
+        if storage.is_file(storage.join(location, RUN_RECORD)):
+            location = storage.join(location, BEST_MODEL)
+        if not storage.is_file(storage.join(location, MODEL_META)):
             raise PipelineError.one("--model", f"{location} is not a model folder or run folder",
                                     "pass a run name under --storage-path, a run or model folder URI, or models:/NAME@champion")
         return location
     path = Path(model).expanduser()
     if not path.exists():
         path = Path(storage_path).expanduser() / model
-    if (path / "run.json").is_file():
-        path = path / "best_model"
-    if not (path / "mtl_model.json").is_file():
+    if (path / RUN_RECORD).is_file():
+        path = path / BEST_MODEL
+    if not (path / MODEL_META).is_file():
         raise PipelineError.one("--model", f"{model} is not a model folder, run folder, run name or models:/ URI",
                                 "pass e.g. a run name, RUN/best_model, or models:/NAME@champion")
     return str(path.resolve())

@@ -27,7 +27,7 @@ from pipeline.runtime import init_ray, job_parser  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     args = job_parser(__doc__).parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
-    init_ray()
+    init_ray(verbose=args.verbose)
     prepared = prepare_tasks(cfg)
     print(f"\n{'task':<18}{'train':>9}{'valid':>9}{'test':>9}{'dropped':>9}  cache")
     for name, task in prepared.items():

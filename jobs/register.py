@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a working dir without install
 
 from pipeline.errors import PipelineError, exits_on_bad_input  # noqa: E402
+from pipeline.train.rundir import MODEL_META, RUN_RECORD  # noqa: E402
 from pipeline.runtime import default_storage  # noqa: E402
 
 
@@ -73,18 +74,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline import storage
     candidates = [args.run, storage.join(storage.resolve(args.storage_path), args.run)]
-    run_dir = next((c for c in candidates if storage.is_file(storage.join(c, "run.json"))), None)
+    run_dir = next((c for c in candidates if storage.is_file(storage.join(c, RUN_RECORD))), None)
     if run_dir is None:
         raise PipelineError.one("--run", f"no run {args.run!r} (looked for run.json in {' and '.join(candidates)})",
                                 "pass a run folder or a run name under --storage-path")
-    run = json.loads(storage.read_text(storage.join(run_dir, "run.json")))
+    run = json.loads(storage.read_text(storage.join(run_dir, RUN_RECORD)))
     folder = storage.join(run_dir, args.which)
-    if not storage.is_file(storage.join(folder, "mtl_model.json")):
+    if not storage.is_file(storage.join(folder, MODEL_META)):
         raise PipelineError.one("--which", f"{folder} holds no model yet", "register a finished run, or --which final_model")
     if not run.get("run_id"):
         raise PipelineError.one("--run", f"{run['run_name']} was trained without MLflow tracking",
                                 "retrain with tracking, or log the folder yourself with pipeline.registry.log_pyfunc")
-    meta = json.loads(storage.read_text(storage.join(folder, "mtl_model.json")))
+    meta = json.loads(storage.read_text(storage.join(folder, MODEL_META)))
 
     print(f"logging {folder} as a pyfunc model of MLflow run {run['run_id']} ...", flush=True)
     info, version = register_run_model(client, run_dir, args.name, which=args.which, alias=args.alias)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = SMOKE + [f"tasks.{t}.max_rows={SMOKE_ROWS}" for t in raw.tasks] + overrides
     cfg = load_config(args.config, overrides)
 
-    init_ray()
+    init_ray(verbose=args.verbose)
     from pipeline.train.driver import train_driver
     from pipeline.train.failure import RunFailed
     try:

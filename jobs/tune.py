@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.monotonic()
     spec, base = load_tune_spec(args.config, args.overrides)
-    init_ray()
+    init_ray(verbose=args.verbose)
     grid, parent_run_id, uri, base = run_experiment(spec, base, resume=args.resume)
     out = output_dir(args.out or str(Path("tune_results") / spec.name))
     summary = summarise(grid, spec, base, parent_run_id, uri, out)

@@ -203,6 +203,7 @@ WEIGHTING_OPTIONS: dict[str, dict[str, float]] = {
     "dwa": {"temperature": 2.0, "window": 10},
     "gradcos": {"beta": 0.9, "eps": 0.05},
 }
+WeightingMethod = Literal[tuple(WEIGHTING_OPTIONS)]  # the one list of method names (config, Tune space, factory)
 _OPTION_CHECKS = {
     "lr": (lambda v: v > 0, "use a value > 0"),
     "temperature": (lambda v: v > 0, "use a value > 0"),
@@ -276,7 +277,7 @@ class TrainConfig(Strict):
     """Steps between checkpoints (also at the last step)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Most recent checkpoints kept; the best model is kept apart as `best_model/`."""
-    weighting: Literal["static", "uncertainty", "dwa", "gradcos"] = "static"
+    weighting: WeightingMethod = "static"
     """How task loss weights evolve: `static` (the configured weights), `uncertainty` (learned
     log-variances, Kendall et al. 2018), `dwa` (Dynamic Weight Average, Liu et al. 2019) or `gradcos`
     (the paper's gradient-cosine adjustment). The configured weights are each method's prior; current
@@ -418,7 +419,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        problems = _problems_from(err)
+        problems = problems_from(err)
     # Unknown task names are checked by a validator that only runs once `tasks` parses; report them
     # together with any other problem, so one run shows everything.
     if isinstance(raw.get("tasks"), dict):
@@ -495,7 +496,7 @@ _FIXES = {
 }
 
 
-def _problems_from(err: ValidationError, root: type[BaseModel] | None = None) -> list[Problem]:
+def problems_from(err: ValidationError, root: type[BaseModel] | None = None) -> list[Problem]:
     problems: list[Problem] = []
     for e in err.errors(include_url=False):
         cause = (e.get("ctx") or {}).get("error")

@@ -19,6 +19,8 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
+from pipeline.train.rundir import MODEL_META, RUN_RECORD
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 ARTIFACT = "mtl_model"
 PARAMS = {"batch_size": 32, "num_beams": 1, "eval_world": 1}
@@ -97,9 +99,9 @@ def register_run_model(client, run_dir: str | Path, name: str, *, which: str = "
     import json
 
     from pipeline import storage
-    run = json.loads(storage.read_text(storage.join(run_dir, "run.json")))
+    run = json.loads(storage.read_text(storage.join(run_dir, RUN_RECORD)))
     with storage.local_copy(storage.join(run_dir, which)) as folder:  # run storage may be an object store
-        meta = json.loads((folder / "mtl_model.json").read_text())
+        meta = json.loads((folder / MODEL_META).read_text())
         info = log_pyfunc(run["run_id"], folder)
     version = register(client, info.model_uri, name, alias=alias, tags={**model_tags(run, which, meta), **(extra_tags or {})},
                        description=f"{run['run_name']} {which} (step {meta.get('step')})")

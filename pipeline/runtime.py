@@ -13,17 +13,41 @@ LOCAL_ENV = {
 }
 
 
-def init_ray() -> None:
+VERBOSE = "MTL_VERBOSE"  # "1": library logs (Ray Data, Ray Train, DeepSpeed, transformers) on the console too
+
+
+def quiet_libraries() -> None:
+    """Library chatter off the console unless $MTL_VERBOSE=1 (`--verbose`): Ray Data and Ray Train INFO
+    lines, MLflow's store set-up, transformers' load reports and progress bars, deprecation warnings.
+    Warnings of real problems and errors still print; Ray keeps every process's full log under
+    /tmp/ray/session_latest/logs. Called in the driver and at the start of every training worker."""
+    import logging
+    import warnings
+    if os.environ.get(VERBOSE) == "1":
+        return
+    for name in ("ray.data", "ray.train", "ray.tune", "mlflow", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def init_ray(verbose: bool = False) -> None:
     """Join the cluster this job was submitted to (`ray job submit`, RAY_ADDRESS, `ray start`), or
-    start a local one on this machine with its dashboard on 127.0.0.1."""
+    start a local one on this machine with its dashboard on 127.0.0.1. `verbose`: every library log line
+    on the console (otherwise Ray's INFO lines stay in its log files)."""
     import ray
 
+    if verbose:
+        os.environ[VERBOSE] = "1"
+    quiet_libraries()
     if ray.is_initialized():
         return
     if not os.environ.get("RAY_ADDRESS"):  # starting Ray here: its workers inherit this environment
         for key, value in LOCAL_ENV.items():
             os.environ.setdefault(key, value)
-    ray.init()
+    ray.init(logging_config=None if verbose else ray.LoggingConfig(log_level="WARNING"))
     res = ray.cluster_resources()
     print(f"ray: connected to a cluster with {res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs",
           file=sys.stderr, flush=True)
@@ -63,6 +87,9 @@ def job_parser(doc: str, *, command: list[str] | None = None) -> argparse.Argume
         parser.add_argument("name", choices=command, help="which one to run")
     parser.add_argument("--config", default=os.path.join("jobs", "configs", "default.yaml"),
                         help="YAML config (default: %(default)s)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show library logs too (Ray Data, Ray Train, DeepSpeed, transformers); they always go to "
+                             "Ray's log files under /tmp/ray/session_latest/logs")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, values parsed as YAML: model.max_length=64 tasks.sst2.weight=2")
     return parser

@@ -36,14 +36,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
-from pipeline.config import Config, Strict, _problems_from, apply_overrides, config_to_dict, load_config, read_yaml
+from pipeline.config import (WEIGHTING_OPTIONS, Config, Strict, apply_overrides, config_to_dict, load_config, problems_from,
+                             read_yaml)
 from pipeline.errors import PipelineError, Problem
-from pipeline.train.mixing import normalise_weights
+from pipeline.train.mixing import normalise_ratios, normalise_weights
 
 METRIC, MODE, TIME_ATTR = "dev/score", "max", "step"
 TRIAL_DRIVER_CPU = 0.001  # the trial's driver function only waits on its TorchTrainer (Ray refuses 0)
 DATA_CPU = 1.0  # kept free on the cluster for the Ray Data tasks that read each trial's data
-WEIGHTINGS = ("static", "uncertainty", "dwa", "gradcos")
+WEIGHTINGS = tuple(WEIGHTING_OPTIONS)
 
 
 class Range(Strict):
@@ -157,7 +158,7 @@ def load_tune_spec(path: str | Path, overrides: list[str] = ()) -> tuple[TuneSpe
     try:
         spec = TuneSpec.model_validate(raw)
     except ValidationError as err:
-        raise PipelineError(_problems_from(err, TuneSpec)) from None
+        raise PipelineError(problems_from(err, TuneSpec)) from None
     train_path = spec.train_config if spec.train_config.is_absolute() else path.parent / spec.train_config
     if not train_path.is_file():
         raise PipelineError.one("train_config", f"{train_path} not found", "name a training config relative to the tune spec")
@@ -265,9 +266,10 @@ def trial_config(base: Config | dict, params: dict[str, Any], spec: TuneSpec) ->
             raw["sampling"][key] = params[f"sampling.{key}"]
     if raw["sampling"]["strategy"] == "explicit":
         ratios = {t: float(params.get(f"ratio.{t}", raw["tasks"][t]["ratio"] or 0.0)) for t in tasks}
-        total = sum(ratios.values())
+        if sum(ratios.values()) > 0:  # all zero: left as given, for the config's own check to name
+            ratios = normalise_ratios(ratios)
         for t in tasks:
-            raw["tasks"][t]["ratio"] = round(ratios[t] / total, 6) if total > 0 else ratios[t]
+            raw["tasks"][t]["ratio"] = round(ratios[t], 6)
     else:
         for t in tasks:
             raw["tasks"][t]["ratio"] = None
@@ -279,7 +281,7 @@ def trial_config(base: Config | dict, params: dict[str, Any], spec: TuneSpec) ->
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise PipelineError(_problems_from(err)) from None
+        raise PipelineError(problems_from(err)) from None
 
 
 def max_concurrent(spec: TuneSpec, base: Config, resources: dict[str, float]) -> int:

@@ -237,31 +237,37 @@ WORKING = {
 }
 
 
-@pytest.mark.parametrize("case", list(WORKING))
-def test_input_that_must_work_trains_one_step(case, tmp_path):
-    """Inputs a user has every right to give: they preprocess as written and train (one step, evaluated)."""
+def test_inputs_that_must_work_preprocess_as_written_and_train(tmp_path):
+    """Inputs a user has every right to give, each declared as its own task of one run: every file is cached
+    as written (BOM stripped, quoted newlines kept, latin-1 decoded), the run trains and evaluates every task
+    (the multi-class one with its default metrics, accuracy + macro F1)."""
     import pyarrow.dataset as pads
 
     import train
 
-    fmt, train_bytes, dev_bytes, extra, kept, text, metrics = WORKING[case]
-    (tmp_path / f"train.{fmt}").write_bytes(train_bytes)
-    (tmp_path / f"dev.{fmt}").write_bytes(dev_bytes)
-    names = "[a, b, c, d]" if case == "multiclass_default_metrics" else "[neg, pos]"
-    task = (f"tasks={{mine: {{define: {{kind: classification, format: {fmt}, files: {{train: {tmp_path / f'train.{fmt}'}, "
-            f"validation: {tmp_path / f'dev.{fmt}'}}}, columns: {{text: text, label: label}}, label_names: {names}{extra}}}}}}}")
-    argv = [task, "name=works", "model.name=tiny-bert", "train.num_workers=1", "train.cpus_per_worker=1", "train.steps=1",
-            "train.eval_every=1", "train.checkpoint_every=1", "train.batch_size=8", "train.log_every=1", "train.warmup_steps=0",
+    tasks = {}
+    for case, (fmt, train_bytes, dev_bytes, extra, _, _, _) in WORKING.items():
+        (tmp_path / f"{case}.train.{fmt}").write_bytes(train_bytes)
+        (tmp_path / f"{case}.dev.{fmt}").write_bytes(dev_bytes)
+        names = "[a, b, c, d]" if case == "multiclass_default_metrics" else "[neg, pos]"
+        tasks[case] = (f"{case}: {{define: {{kind: classification, format: {fmt}, files: {{train: "
+                       f"{tmp_path / f'{case}.train.{fmt}'}, validation: {tmp_path / f'{case}.dev.{fmt}'}}}, "
+                       f"columns: {{text: text, label: label}}, label_names: {names}{extra}}}}}")
+    steps = len(WORKING)
+    argv = ["tasks={" + ", ".join(tasks.values()) + "}", "name=works", "model.name=tiny-bert", "train.num_workers=1",
+            "train.cpus_per_worker=1", f"train.steps={steps}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
+            "train.batch_size=8", "train.log_every=1", "train.warmup_steps=0", "sampling.strategy=proportional",
             f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
             f"data.cache_dir={tmp_path / 'cache'}"]
     assert train.main(argv) == 0
 
-    manifest = json.loads(next((tmp_path / "cache" / "mine").glob("*/manifest.json")).read_text())
-    assert (manifest["counts"]["train"]["kept"], manifest["counts"]["validation"]["kept"]) == kept, manifest["counts"]
-    folder = next((tmp_path / "cache" / "mine").glob("*/manifest.json")).parent
-    cached = [t for split in ("train", "validation")
-              for t in pads.dataset(str(folder / f"split={split}"), format="parquet").to_table(columns=["text"])["text"].to_pylist()]
-    assert text in cached and not any(t.startswith("\ufeff") for t in cached)
     record = json.loads(next((tmp_path / "runs").glob("works-*/run.json")).read_text())
-    assert record["result"]["steps"] == 1
-    assert set(record["result"]["dev_metrics"]["mine"]) == metrics
+    assert record["result"]["steps"] == steps
+    for case, (_, _, _, _, kept, text, metrics) in WORKING.items():
+        folder = next((tmp_path / "cache" / case).glob("*/manifest.json")).parent
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert (manifest["counts"]["train"]["kept"], manifest["counts"]["validation"]["kept"]) == kept, (case, manifest)
+        cached = [t for split in ("train", "validation") for t in
+                  pads.dataset(str(folder / f"split={split}"), format="parquet").to_table(columns=["text"])["text"].to_pylist()]
+        assert text in cached and not any(t.startswith("\ufeff") for t in cached), case
+        assert set(record["result"]["dev_metrics"][case]) == metrics, case

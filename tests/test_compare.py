@@ -61,11 +61,11 @@ def test_bilstm_row_on_real_data_is_tracked_with_a_loss_plot(cfg, tmp_path, ray_
     from mlflow import MlflowClient
 
     from pipeline.data.preprocess import prepare_tasks
-    from pipeline.train.driver import _dev_rows
+    from pipeline.train.driver import dev_rows
 
     cfg = cfg.model_copy(update={"tasks": {"bbc_news": cfg.tasks["bbc_news"]}})
     prepared = prepare_tasks(cfg, log=lambda _: None)
-    dev = _dev_rows(prepared["bbc_news"], 228, cfg.seed)
+    dev = dev_rows(prepared["bbc_news"], 228, cfg.seed)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.create_experiment("compare-test")
     row = run_bilstm(cfg, prepared, "bbc_news", 30, dev, (client, experiment))

@@ -237,6 +237,7 @@ def test_failing_metric_keeps_the_step_and_resume_evaluates_it_first(tmp_path, c
     print(f"\nmetric failure at step 8: checkpoint step_0000008 kept; resumed at 8, evaluated 8 first, finished {STEPS}")
 
 
+@pytest.mark.slow  # the default tier resumes a stopped run into the same MLflow run in the failing-metric test
 def test_driver_killed_then_resume_continues_the_same_mlflow_run(tmp_path, cache_dir, reference, ray_session):
     ref_cfg, ref = reference
     overrides = _overrides(tmp_path, cache_dir)

@@ -201,3 +201,20 @@ def test_two_classification_tasks_and_xsum_all_learn(tmp_path, cache_dir, backbo
         assert sum(losses[-third:]) / third < sum(losses[:third]) / third, (task, losses)
     assert set(result.dev_metrics["xsum"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     assert all(0.0 <= v <= 1.0 for v in result.dev_metrics["xsum"].values())
+
+
+def test_training_builds_no_deepspeed_inference_comm_op():
+    """DeepSpeed's CPU shared-memory all-reduce op (a ~73 s JIT compile on a fresh machine) serves only
+    DeepSpeed-Inference; the loop turns its build off before the engine starts."""
+    import importlib
+
+    from pipeline.train.loop import skip_inference_comm_op
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    original = ds_torch.build_shm_op
+    try:
+        skip_inference_comm_op()
+        assert ds_torch.build_shm_op() is None
+        assert not hasattr(torch, "build_shm_op")  # patched in DeepSpeed's module, not in torch's
+    finally:
+        ds_torch.build_shm_op = original

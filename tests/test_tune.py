@@ -113,6 +113,34 @@ def _children(uri: str, parent_run_id: str):
     return client, client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
+@pytest.mark.timeout(900)
+def test_two_trial_experiment_tracks_parent_and_children_and_writes_the_best_config(tmp_path, cache_dir, ray_session):
+    """The default tier's real Tune run (the killed-and-resumed ASHA experiment below is the slow tier's):
+    2 trials of 10 steps, FIFO, through the job: trials.json, best_config.yaml, an MLflow parent with two
+    nested children carrying their normalised weights and ratios, the best model registered as challenger."""
+    path = _write_spec(tmp_path, cache_dir, num_samples=2, scheduler="fifo", report_every=5)
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(path), "--out", str(out), "train.steps=10"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "trials.json").read_text())
+    trials = summary["trials"]
+    assert len(trials) == 2 and all(t["status"] == "finished" and t["steps"] == 10 for t in trials), trials
+    for t in trials:
+        assert sum(t["weights"].values()) == pytest.approx(2.0, abs=1e-4)
+        assert sum(t["ratios"].values()) == pytest.approx(1.0, abs=1e-4)
+    client, children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}", summary["parent_run_id"])
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert all({"dev/score", "loss/total"} <= set(c.data.metrics) and "weight.bbc_news" in c.data.params for c in children)
+    best = next(t for t in trials if t["trial"] == summary["best_trial"])
+    assert client.get_run(summary["parent_run_id"]).data.metrics["best_score"] == pytest.approx(best["best_score"])
+    cfg = load_config(out / "best_config.yaml")
+    assert {t: c.weight for t, c in cfg.tasks.items()} == best["weights"] and cfg.train.steps == 10
+    assert client.get_model_version_by_alias("tt-model", "challenger").tags["run_name"] == best["run_name"]
+
+
+@pytest.mark.slow  # the default tier runs the two-trial experiment above
 @pytest.mark.timeout(1500)
 def test_asha_experiment_killed_resumed_tracked_and_reproducible(tmp_path, cache_dir, ray_session):
     path = _write_spec(tmp_path, cache_dir)

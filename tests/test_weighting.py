@@ -207,6 +207,7 @@ def test_shared_gradient_is_the_rank_averaged_gradient_at_every_zero_stage(ray_s
         import torch.distributed as dist
 
         from pipeline.model.multitask import Head, build_model
+        from pipeline.config import TrainConfig
         from pipeline.train.loop import deepspeed_config, shared_gradient
 
         rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -231,7 +232,7 @@ def test_shared_gradient_is_the_rank_averaged_gradient_at_every_zero_stage(ray_s
             model = build_model("tiny-bert", heads)
             shared = [p for _, p in model.shared_parameters()]
             engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                              config=deepspeed_config({**train, "zero_stage": stage, "precision": precision}, world))
+                                              config=deepspeed_config(TrainConfig(**{**train, "zero_stage": stage, "precision": precision}), world))
             engine.eval()
             for micro, batch in enumerate(batches):
                 _, loss = engine(task="cls", **batch)
@@ -317,6 +318,7 @@ def test_clipping_acts_on_the_task_gradient_so_weights_are_not_cancelled(ray_ses
         import torch
 
         from pipeline.model.multitask import Head, build_model
+        from pipeline.config import TrainConfig
         from pipeline.train.loop import clear_stale_grads, deepspeed_config, set_clip, skip_single_rank_allreduce
 
         heads = [Head("a", "classification", 2), Head("b", "classification", 3)]
@@ -347,7 +349,7 @@ def test_clipping_acts_on_the_task_gradient_so_weights_are_not_cancelled(ray_ses
             model = build_model("tiny-bert", heads)
             engine, optimizer, *_ = deepspeed.initialize(
                 model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
-                config={**deepspeed_config({**train, "zero_stage": stage}, 1), "zero_allow_untested_optimizer": True})
+                config={**deepspeed_config(TrainConfig(**{**train, "zero_stage": stage}), 1), "zero_allow_untested_optimizer": True})
             skip_single_rank_allreduce(engine, 1, stage)  # as the training loop does (ZeRO-0, one rank)
             assert engine.enable_backward_allreduce == (stage != 0)
             engine.eval()

@@ -27,7 +27,8 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict[str, Any]:
     from pipeline.model.multitask import Head, build_model
     from pipeline.model.refs import load_tokenizer
     from pipeline.model.summarize import summary_format
-    from pipeline.train.loop import cpu_seconds, lr_lambda, make_batch
+    from pipeline.train.loop import lr_lambda, make_batch
+    from pipeline.train.window import cpu_seconds
     from pipeline.train.mixing import TaskSampler
 
     threads = max(1, int(cfg.train.num_workers * cfg.train.cpus_per_worker))

@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.eval.metrics import multitask_score, task_metrics
 from pipeline.storage import is_uri, join
 from pipeline.eval.predict import Predictor
+from pipeline.train.rundir import DS_TAG, MODEL_META, RUN_RECORD
 
 # GLUE benchmark submission files: our task -> (file name, label written as the class name?)
 GLUE_SUBMISSION = {"cola": ("CoLA.tsv", False), "sst2": ("SST-2.tsv", False), "mrpc": ("MRPC.tsv", False),
@@ -90,28 +91,28 @@ def open_model(reference: str, *, storage_path: str | None = None, which: str = 
         path = _fetch(reference, which)
     elif not path.exists() and storage_path is not None:
         path = _fetch(join(storage_path, reference), which) if is_uri(storage_path) else Path(storage_path).expanduser() / reference
-    if (path / "ds").is_dir() and (path.parent / "run.json").is_file():  # a checkpoint: consolidate it first
+    if (path / DS_TAG).is_dir() and (path.parent / RUN_RECORD).is_file():  # a checkpoint: consolidate it first
         import tempfile
 
         from pipeline.train.export import consolidate_checkpoint
         folder = consolidate_checkpoint(path, Path(tempfile.mkdtemp(prefix="mtl-eval-")) / path.name)
-        run = json.loads((path.parent / "run.json").read_text())
+        run = json.loads((path.parent / RUN_RECORD).read_text())
         cfg = load_config(config_path) if config_path else _config_from(run["config"], f"{path.parent}/run.json")
         return OpenedModel(Predictor(folder), reference, cfg, run.get("run_id"), str(path.parent))
-    if (path / "run.json").is_file():
-        run = json.loads((path / "run.json").read_text())
+    if (path / RUN_RECORD).is_file():
+        run = json.loads((path / RUN_RECORD).read_text())
         folder = path / which
-        if not (folder / "mtl_model.json").is_file():
+        if not (folder / MODEL_META).is_file():
             raise PipelineError.one(reference, f"the run has no {which}/ yet (it has not evaluated or finished)",
                                     "evaluate a checkpoint after `jobs/export.py --run RUN --out DIR`, or wait for the run")
         predictor = Predictor(folder)
         cfg = load_config(config_path) if config_path else _config_from(run["config"], f"{path}/run.json")
         return OpenedModel(predictor, reference, cfg, run.get("run_id"), str(path))
-    if (path / "mtl_model.json").is_file():
+    if (path / MODEL_META).is_file():
         predictor = Predictor(path)
-        run_dir = path.parent if (path.parent / "run.json").is_file() else None
+        run_dir = path.parent if (path.parent / RUN_RECORD).is_file() else None
         if config_path is None and run_dir is not None:
-            cfg = _config_from(json.loads((run_dir / "run.json").read_text())["config"], f"{run_dir}/run.json")
+            cfg = _config_from(json.loads((run_dir / RUN_RECORD).read_text())["config"], f"{run_dir}/run.json")
         else:
             cfg = _fallback_config(predictor, config_path)
         return OpenedModel(predictor, reference, cfg, predictor.meta.get("run_id"), str(run_dir) if run_dir else None)
@@ -131,16 +132,16 @@ def _fetch(location: str, which: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix="mtl-eval-"))
     atexit.register(shutil.rmtree, tmp, True)
     dest = tmp / location.rstrip("/").rsplit("/", 1)[-1]
-    if storage.is_file(join(location, "run.json")):
+    if storage.is_file(join(location, RUN_RECORD)):
         dest.mkdir()
-        (dest / "run.json").write_text(storage.read_text(join(location, "run.json")))
+        (dest / RUN_RECORD).write_text(storage.read_text(join(location, RUN_RECORD)))
         if storage.is_dir(join(location, which)):
             storage.download(join(location, which), dest / which)
     elif storage.is_dir(location):
         storage.download(location, dest)
         parent = location.rstrip("/").rsplit("/", 1)[0]
-        if storage.is_file(join(parent, "run.json")):
-            (tmp / "run.json").write_text(storage.read_text(join(parent, "run.json")))
+        if storage.is_file(join(parent, RUN_RECORD)):
+            (tmp / RUN_RECORD).write_text(storage.read_text(join(parent, RUN_RECORD)))
     return dest
 
 

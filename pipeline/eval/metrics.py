@@ -63,7 +63,7 @@ def task_metrics(spec: TaskSpec, predictions: Sequence, references: Sequence) ->
     predictions and references are texts. A metric that raises becomes `MetricFailed` naming it."""
     injected = os.environ.get(FAULT_METRIC, "")
     if spec.kind == "summarization":
-        names, fns = [m for m in spec.metrics if m in ROUGE_TYPES], None
+        names = [m for m in spec.metrics if m in ROUGE_TYPES]
     else:
         preds, refs = np.asarray(predictions), np.asarray(references)
         if spec.kind == "classification":

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from pipeline.data.tokenize import encode_texts
+from pipeline.model.multitask import MODEL_META
 from pipeline.model.summarize import pad, summary_format
 from pipeline.storage import is_uri
 
@@ -194,4 +195,4 @@ class ReplicaPredictor:
 
 
 def read_meta(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "mtl_model.json").read_text())
+    return json.loads((Path(folder) / MODEL_META).read_text())

@@ -29,11 +29,14 @@ ENCODER_TYPES = {"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deb
                  "albert", "camembert"}
 
 
+MODEL_META = "mtl_model.json"  # beside the weights of every model folder: tasks, tokenizer, how dev predictions were made
+
+
 @dataclass(frozen=True)
 class Head:
     task: str
-    kind: str  # classification | regression
-    num_labels: int
+    kind: str  # classification | regression | summarization
+    num_labels: int  # classes; 1 for regression, 0 for summarization
 
 
 def backbone_kind(config) -> str:
@@ -230,7 +233,7 @@ class MultiTaskModel(nn.Module):
         meta = {"format_version": FORMAT_VERSION, "backbone_kind": self.kind,
                 "decoder_start_token_id": self.decoder_start_token_id,
                 "heads": [asdict(h) for h in self.head_specs.values()], **(metadata or {})}
-        (folder / "mtl_model.json").write_text(json.dumps(meta, indent=2, default=str))
+        (folder / MODEL_META).write_text(json.dumps(meta, indent=2, default=str))
         return folder
 
     @classmethod
@@ -238,7 +241,7 @@ class MultiTaskModel(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoTokenizer
         folder = Path(folder)
-        meta = json.loads((folder / "mtl_model.json").read_text())
+        meta = json.loads((folder / MODEL_META).read_text())
         kind = backbone_kind(AutoConfig.from_pretrained(folder / "backbone"))
         model = cls(_load_backbone(kind, folder / "backbone", dtype), [Head(**h) for h in meta["heads"]],
                     decoder_start_token_id=meta.get("decoder_start_token_id"), init_decoders=False)

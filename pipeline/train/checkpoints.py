@@ -20,12 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Callable
 
-MANIFEST_DIR = "manifest"
-STEP_DIR = re.compile(r"^step_(\d+)(?:\.r(\d+))?$")  # step_0000012, or step_0000012.r1 when a restart redid step 12
+from pipeline.train.rundir import CHECKPOINT_META, MANIFEST_DIR, STEP_DIR
 
 
 def _sha256(path: Path) -> str:
@@ -66,7 +64,7 @@ def verify(folder: str | os.PathLike) -> str | None:
     """None when the checkpoint in `folder` is complete and intact, else what is wrong."""
     folder = Path(folder)
     try:
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = json.loads((folder / CHECKPOINT_META).read_text())
         world = int(meta["world"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"meta.json unreadable ({type(err).__name__})"

@@ -26,6 +26,7 @@ from pipeline.errors import PipelineError, Problem
 from pipeline.train.failure import (RunFailed, clear_failure, last_checkpoint_step, log_failure, resume_command,
                                     take_failure, what_died)
 from pipeline.train.mixing import normalise_weights, sampling_ratios
+from pipeline.train.rundir import BEST_MODEL, FINAL_MODEL, RUN_RECORD, RunDir
 from pipeline.train.tracking import experiment_id, flatten_params, open_tracking, redact, replay_spool, tracking_uri, warn
 
 TRAIN_COLUMNS = ["input_ids", "token_type_ids", "label", "target_ids"]
@@ -79,8 +80,7 @@ def _run_dir(cfg: Config, resume: bool | str, run_name: str | None = None) -> tu
     base = storage.resolve(cfg.train.storage_path)
 
     def recorded(folder: str) -> dict | None:
-        file = storage.join(folder, "run.json")
-        return json.loads(storage.read_text(file)) if storage.is_file(file) else None
+        return RunDir(folder).read_record()
 
     if run_name is not None:  # a caller-chosen name (a Tune trial): resumed when it exists
         folder = storage.join(base, run_name)
@@ -89,8 +89,8 @@ def _run_dir(cfg: Config, resume: bool | str, run_name: str | None = None) -> tu
         name = f"{cfg.name}-{uuid.uuid4().hex[:8]}"
         return name, storage.join(base, name), None
     if resume is True:
-        runs = [(storage.mtime(storage.join(base, n, "run.json")), n) for n, _ in storage.subdirs(base, f"{cfg.name}-")
-                if storage.is_file(storage.join(base, n, "run.json"))]
+        runs = [(storage.mtime(storage.join(base, n, RUN_RECORD)), n) for n, _ in storage.subdirs(base, f"{cfg.name}-")
+                if RunDir(storage.join(base, n)).exists()]
         if not runs:
             raise PipelineError.one("--resume", f"no run of {cfg.name!r} under {base}",
                                     "start a new run without --resume, or set train.storage_path to where the run lives")
@@ -104,7 +104,7 @@ def _run_dir(cfg: Config, resume: bool | str, run_name: str | None = None) -> tu
     return name, folder, recorded(folder)
 
 
-def _dev_rows(task: PreparedTask, limit: int | None, seed: int) -> dict[str, list]:
+def dev_rows(task: PreparedTask, limit: int | None, seed: int) -> dict[str, list]:
     rows = task.table("validation", limit=limit, shuffle_seed=seed).to_pylist()
     if task.spec.kind == "summarization":  # generation is scored against the reference text
         return {"input_ids": [list(r["input_ids"]) for r in rows], "target": [r["target"] for r in rows]}
@@ -186,11 +186,11 @@ def _finish_mlflow(client, run_id: str, run_dir: str, log: Callable[[str], None]
         sent = replay_spool(client, run_id, run_dir)
         if sent:
             log(f"sent {sent} metrics kept during a tracking outage")
-        final = storage.join(run_dir, "final_model")
+        final = RunDir(run_dir).model(FINAL_MODEL)
         if storage.is_dir(final):
             with storage.local_copy(final) as folder:
                 client.log_artifacts(run_id, str(folder), "model")
-        client.set_tag(run_id, "mtl.best_model", storage.join(run_dir, "best_model"))
+        client.set_tag(run_id, "mtl.best_model", RunDir(run_dir).model(BEST_MODEL))
         client.set_terminated(run_id, status="FINISHED")
     except Exception as err:  # the server went away at the very end
         warn(f"the run finished but MLflow could not be updated ({type(err).__name__}: {str(err).splitlines()[0][:160]}): "
@@ -210,11 +210,12 @@ def _end_failed(client, run_id: str | None, status: str, line: str) -> None:
 
 
 def _worker_env() -> dict | None:
-    """Fault-injection variables of this process (tests), forwarded to the training workers."""
+    """Variables of this process the training workers need too: --verbose, and fault injection (tests)."""
     import os
 
     from pipeline.eval.metrics import FAULT_METRIC
-    env = {k: os.environ[k] for k in (FAULT_METRIC,) if k in os.environ}
+    from pipeline.runtime import VERBOSE
+    env = {k: os.environ[k] for k in (FAULT_METRIC, VERBOSE) if k in os.environ}
     return {"env_vars": env} if env else None
 
 
@@ -234,7 +235,8 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.train.loop import train_fn_per_worker
+    from pipeline.model.multitask import Head
+    from pipeline.train.loop import WorkerJob, train_fn_per_worker
 
     start = time.monotonic()
     specs = cfg.task_specs()
@@ -267,8 +269,8 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     client, run_id = _start_mlflow(cfg, run_name, previous, uri, parent_run_id)
     storage.make_dirs(run_dir)
     if previous is None:
-        storage.write_text(storage.join(run_dir, "run.json"), json.dumps(
-            {"run_name": run_name, "run_id": run_id, "tracking_uri": uri, "config": redact(config_to_dict(cfg))}, indent=2))
+        RunDir(run_dir).write_record({"run_name": run_name, "run_id": run_id, "tracking_uri": uri,
+                                      "config": redact(config_to_dict(cfg))})
         if client is not None:
             _log_run_start(client, run_id, cfg, prepared, weights, ratios, config_path, run_dir)
     log(f"run {run_name} in {run_dir}" + (f"; MLflow run {run_id} at {uri}" if run_id else "; no MLflow tracking"))
@@ -279,14 +281,13 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
 
     datasets = {t: p.materialized("train", **train_split_args(cfg, t, p), workers=cfg.train.num_workers,
                                   pass_bytes=PASS_BYTES) for t, p in prepared.items()}
-    dev = {t: ray.put(_dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.seed)) for t, p in prepared.items()}
-    heads = [{"task": t, "kind": s.kind, "num_labels": s.num_labels} for t, s in specs.items()]
-    meta = model_metadata(cfg, run_name)
+    dev = {t: ray.put(dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.seed)) for t, p in prepared.items()}
+    job = WorkerJob(config=cfg, tasks=tuple(prepared), weights=weights, ratios=ratios,
+                    heads=tuple(Head(t, s.kind, s.num_labels) for t, s in specs.items()), run_id=run_id,
+                    tracking_uri=uri, run_dir=run_dir, dev=dev, meta=model_metadata(cfg, run_name))
     trainer = TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": config_to_dict(cfg), "tasks": list(prepared), "weights": weights,
-                           "ratios": ratios, "heads": heads, "run_id": run_id, "tracking_uri": uri,
-                           "run_dir": run_dir, "dev": dev, "meta": meta},
+        train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                                resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
@@ -328,9 +329,9 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
             dev_metrics.setdefault(task, {})[metric] = value
     task_steps = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("steps/")}
     steps, best = int(metrics.get("step", 0)), float(metrics.get("best_score", float("nan")))
-    record = json.loads(storage.read_text(storage.join(run_dir, "run.json")))
+    record = RunDir(run_dir).read_record()
     record["result"] = {"steps": steps, "best_score": best, "dev_metrics": dev_metrics, "task_steps": task_steps}
-    storage.write_text(storage.join(run_dir, "run.json"), json.dumps(record, indent=2))
+    RunDir(run_dir).write_record(record)
     if client is not None:
         _finish_mlflow(client, run_id, run_dir, log)
     return TrainResult(run_name, run_dir, run_id, steps, best, dev_metrics, time.monotonic() - start, uri,

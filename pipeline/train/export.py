@@ -14,8 +14,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.train.checkpoints import safe_torch_load, verify
-
-DS_TAG = "ds"
+from pipeline.train.rundir import CHECKPOINT_META, DS_TAG, RUN_RECORD
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict:
@@ -35,7 +34,7 @@ def consolidate_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     from pipeline.train.driver import model_metadata
 
     checkpoint = Path(checkpoint).expanduser()
-    run_json = checkpoint.parent / "run.json"
+    run_json = checkpoint.parent / RUN_RECORD
     if not (checkpoint / DS_TAG).is_dir() or not run_json.is_file():
         raise PipelineError.one(str(checkpoint), "not a training checkpoint of this project (no ds/ or ../run.json)",
                                 "pass a step_NNNNNNN folder inside a run folder")
@@ -53,7 +52,7 @@ def consolidate_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     if set(missing) - tied or unexpected:
         raise PipelineError.one(str(checkpoint), f"weights do not match the run's model (missing {sorted(set(missing) - tied)[:5]}, "
                                 f"unexpected {sorted(unexpected)[:5]})", "export with the code version that trained the run")
-    meta = json.loads((checkpoint / "meta.json").read_text()) if (checkpoint / "meta.json").is_file() else {}
+    meta = json.loads((checkpoint / CHECKPOINT_META).read_text()) if (checkpoint / CHECKPOINT_META).is_file() else {}
     return model.save(out, load_tokenizer(cfg.model.name), metadata={
         **model_metadata(cfg, run.get("run_name")), "step": meta.get("step"), "run_id": run.get("run_id"),
         "exported_from": str(checkpoint)})

@@ -16,10 +16,7 @@ import shlex
 import traceback
 
 from pipeline import storage
-from pipeline.train.checkpoints import STEP_DIR
-
-FAILURE_RECORD = "failure.json"
-FAILURE_LOG = "failure.log"
+from pipeline.train.rundir import FAILURE_LOG, FAILURE_RECORD, RunDir
 
 
 class RunFailed(RuntimeError):
@@ -48,7 +45,7 @@ def clear_failure(run_dir: str) -> None:
 
 def last_checkpoint_step(run_dir: str) -> int | None:
     """The step of the newest `step_*` checkpoint folder of the run (what `--resume` starts from)."""
-    steps = [int(m.group(1)) for name, _ in storage.subdirs(run_dir, "step_") if (m := STEP_DIR.match(name))]
+    steps = RunDir(run_dir).checkpoint_steps()
     return max(steps) if steps else None
 
 

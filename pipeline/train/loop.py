@@ -19,22 +19,26 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
+from pipeline.config import Config, TrainConfig
 from pipeline.eval.predict import batch_plan, predict_batch
 from pipeline.model.multitask import Head, build_model
 from pipeline.model.refs import load_tokenizer
 from pipeline.model.summarize import PromptFormat, Seq2SeqFormat, pad, summary_format
 from pipeline.train.checkpoints import choose, dir_name, write_manifest
 from pipeline.train.memory import model_state_bytes, peak_rss_bytes
+from pipeline.runtime import quiet_libraries
 from pipeline.train.mixing import TaskSampler
+from pipeline.train.rundir import BEST_MODEL, CHECKPOINT_META, DS_TAG, FINAL_MODEL
 from pipeline.train.tracking import RunLogger
 from pipeline.train.weighting import make_weighting
+from pipeline.train.window import Profiler, Window
 
-DS_TAG = "ds"
 
 
 def say(line: str) -> None:
@@ -91,8 +95,10 @@ def skip_inference_comm_op() -> None:
     """DeepSpeed builds its CPU shared-memory all-reduce op whenever a CPU engine starts (a JIT compile of
     about 73 s on a fresh machine). Only DeepSpeed-Inference's tensor-parallel `inference_all_reduce` uses
     it; training collectives go through torch.distributed (gloo) either way. Not built."""
-    import deepspeed.comm.torch as ds_torch
-    ds_torch.build_shm_op = lambda: None
+    import importlib
+    # importlib, not `import deepspeed.comm.torch as ...`: the package's namespace holds `torch` (the real torch
+    # module) under that name, so the `as` form would return torch itself.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def set_clip(engine, optimizer, value: float) -> None:
@@ -133,54 +139,28 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return fn
 
 
-def deepspeed_config(train: dict[str, Any], world_size: int) -> dict[str, Any]:
-    zero: dict[str, Any] = {"stage": train["zero_stage"]}
-    if train["offload_optimizer"]:
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-    if train["zero_stage"] == 3:
+    if train.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     config = {
-        "train_micro_batch_size_per_gpu": train["batch_size"],
-        "gradient_accumulation_steps": train["grad_accum"],
-        "train_batch_size": train["batch_size"] * train["grad_accum"] * world_size,
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.batch_size * train.grad_accum * world_size,
         "zero_optimization": zero,
-        "bf16": {"enabled": train["precision"] == "bf16"},
-        "fp16": {"enabled": train["precision"] == "fp16"},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16"},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if train.get("profile"):  # time inside DeepSpeed's collectives, read back per window (comm_seconds)
+    if train.profile:  # time inside DeepSpeed's collectives, read back per window (Profiler.comm_seconds)
         config["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
-    config["gradient_clipping"] = train["clip_grad"]  # always explicit: DeepSpeed's default is 1.0, not off
-    if train["offload_optimizer"]:  # offload refuses a client optimizer: declare it here
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": train["lr"], "weight_decay": train["weight_decay"]}}
+    config["gradient_clipping"] = train.clip_grad  # always explicit: DeepSpeed's default is 1.0, not off
+    if train.offload_optimizer:  # offload refuses a client optimizer: declare it here
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": train.lr, "weight_decay": train.weight_decay}}
     return config
-
-
-_COMM_SEEN: dict[str, float] = {}
-
-
-def cpu_seconds() -> float:
-    """CPU time (user + system, all threads) this process has used: next to the wall clock it shows
-    whether training got the cores it was given or shared them with other processes."""
-    t = os.times()
-    return t.user + t.system
-
-
-def comm_seconds() -> float:
-    """Seconds spent in DeepSpeed's collectives since the last call (its comms logger, `train.profile`).
-    The logger records each op's *running total* (its timers are never reset), so the time of a window
-    is the growth of each op's latest total."""
-    from deepspeed.comm import comms_logger
-    if not comms_logger.enabled:
-        return 0.0
-    total = 0.0
-    for name, sizes in comms_logger.get_raw_data().items():
-        running = max(max(entry[1]) for entry in sizes.values())
-        total += running - _COMM_SEEN.get(name, 0.0)
-        _COMM_SEEN[name] = running
-    comms_logger.reset_data()  # bounded memory; the timers keep the running totals
-    return total / 1000.0  # milliseconds
 
 
 def shared_gradient(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -220,249 +200,257 @@ def evaluate(engine, model, dev: dict[str, dict[str, list]], batch_size: int, pa
     return out
 
 
-def train_fn_per_worker(config: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class WorkerJob:
+    """Everything the driver hands each worker, typed (the whole driver/worker contract)."""
+
+    config: Config
+    tasks: tuple[str, ...]
+    weights: dict[str, float]  # normalised to sum to the number of tasks
+    ratios: dict[str, float]  # normalised to sum to 1
+    heads: tuple[Head, ...]
+    run_id: str | None  # the MLflow run the driver owns; rank 0 logs into it
+    tracking_uri: str
+    run_dir: str
+    dev: dict[str, Any]  # task -> object ref of its dev rows (every rank evaluates a share)
+    meta: dict[str, Any]  # what every model folder records (pipeline.train.driver.model_metadata)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the engine, sampler and weighting."""
+
+    step: int = 0
+    best_score: float = -math.inf
+    run_id: str | None = None
+    pending_eval: bool = False  # the step's evaluation failed: a resume evaluates it first
+    taken: set[str] = field(default_factory=set)  # checkpoint folder names that exist (a restart redoes their steps)
+    warnings: list[str] = field(default_factory=list)  # checkpoint fallbacks, shown on the MLflow run
+
+
+def build_engine(cfg: Config, job: WorkerJob, world: int):
+    """Model -> loss weighting -> DeepSpeed engine. Same seed on every rank; DeepSpeed broadcasts rank 0's
+    weights anyway. The weighting comes first: a bad train.shared_params prefix fails before the slow start."""
     import deepspeed
-    import ray.train
-    import torch.distributed as dist
-
-    from pipeline.config import Config
-    from pipeline.eval.metrics import MetricFailed, multitask_score, task_metrics
-    from pipeline.train.artifacts import publish_model
-    from pipeline.train.failure import write_failure
-
-    cfg = Config.model_validate(config["config"])
-    train = cfg.train.model_dump()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tasks, weights, heads = config["tasks"], config["weights"], [Head(**h) for h in config["heads"]]
-    specs = cfg.task_specs()
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model.name)
-    pad_id = tokenizer.pad_token_id
-
-    # Model and engine. Same seed on every rank; DeepSpeed broadcasts rank 0's weights anyway.
-    model = build_model(cfg.model.name, heads, dropout=train["dropout"])
-    if train["activation_checkpointing"]:
+    train = cfg.train
+    model = build_model(cfg.model.name, list(job.heads), dropout=train.dropout)
+    if train.activation_checkpointing:
         model.enable_activation_checkpointing()
-    # Loss weighting before the (slow) engine start: a bad train.shared_params prefix fails at once.
-    weighting = make_weighting(train["weighting"], tasks, weights, train["weighting_options"])
-    shared = [p for _, p in model.shared_parameters(train["shared_params"])] if weighting.needs_grads else []
-    head_mult = {t: (cfg.tasks[t].head_lr_mult or train["head_lr_mult"]) for t in tasks}
-    groups = model.param_groups(train["lr"], train["weight_decay"], head_mult)
-    schedule = lr_lambda(train["schedule"], train["warmup_steps"], train["steps"])
-    optimizer = None if train["offload_optimizer"] else torch.optim.AdamW(groups, lr=train["lr"])
+    weighting = make_weighting(train.weighting, list(job.tasks), job.weights, train.weighting_options)
+    shared = [p for _, p in model.shared_parameters(train.shared_params)] if weighting.needs_grads else []
+    head_mult = {t: (cfg.tasks[t].head_lr_mult or train.head_lr_mult) for t in job.tasks}
+    groups = model.param_groups(train.lr, train.weight_decay, head_mult)
+    optimizer = None if train.offload_optimizer else torch.optim.AdamW(groups, lr=train.lr)
     skip_inference_comm_op()
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         config=deepspeed_config(train, world))
-    skip_single_rank_allreduce(engine, world, train["zero_stage"])
-    base_lrs = [g["lr"] for g in optimizer.param_groups]  # per group: head multipliers stay applied
+    skip_single_rank_allreduce(engine, world, train.zero_stage)
+    return model, engine, optimizer, weighting, shared
 
-    # State, restored from the latest checkpoint when the run is resumed or restarted.
-    sampler = TaskSampler(config["ratios"], cfg.seed)
-    step, best_score, run_id, pending_eval = 0, -math.inf, config["run_id"], False
-    resume_warnings: list[str] = []
-    taken: set[str] = set()  # checkpoint folder names that exist already (a restart redoes their steps)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # verified first; a corrupt latest one falls back to the previous (pipeline/train/checkpoints.py)
-        latest = checkpoint
-        checkpoint, taken = choose(latest, rank, lambda w: (shout(w), resume_warnings.append(w)))
-        if checkpoint is None:
-            raise RuntimeError(f"no checkpoint of this run passes verification (newest: {latest.path}; see the warnings "
-                               "above): move the broken step_* folders away to restart from the last good one, or "
-                               "start a new run")
-        with checkpoint.as_directory() as folder:
-            _, client = engine.load_checkpoint(folder, tag=DS_TAG)
-        sampler.load_state_dict(client["sampler"])
-        if "weighting" in client:  # checkpoints from before dynamic weighting were static
-            weighting.load_state_dict(client["weighting"])
-        step, best_score = client["step"], client["best_score"]
-        pending_eval = client.get("pending_eval", False)  # saved when this step's evaluation failed
-        run_id = client["run_id"] or run_id  # keep logging into the same MLflow run
-        torch.set_rng_state(client["torch_rng"])
-        if rank == 0:
-            say(f"resumed at step {step} (sampler draw {sampler.draws}, best score {best_score:.2f})")
-    tracker = RunLogger(config["tracking_uri"], run_id, config["run_dir"]) if rank == 0 else None
-    if tracker is not None and resume_warnings:  # the fallback stays visible on the run, not only in a log
-        tracker.set_tag("mtl.resume_warning", " | ".join(resume_warnings)[:5000])
 
-    prompts = {t: summary_format(model.kind, tokenizer, specs[t].prompt) for t in tasks
-               if specs[t].kind == "summarization"}
-    max_new = {t: cfg.max_new_tokens(specs[t]) for t in prompts}  # the task's declared summary length
-    synced = train["zero_stage"] == 3 and world > 1
-    iters = {t: batches_forever(ray.train.get_dataset_shard(t), train["batch_size"], pad_id, cfg.seed + rank,
-                                prompts.get(t), skip=sampler.counts[t] * train["grad_accum"]) for t in tasks}
-    dev = {t: ray.get(ref) for t, ref in config["dev"].items()}
+def restore(engine, sampler: TaskSampler, weighting, rank: int, run_id: str | None) -> TrainState:
+    """The loop's state from the latest checkpoint that passes verification (pipeline/train/checkpoints.py;
+    a corrupt latest one falls back to the previous), or a fresh state."""
+    import ray.train
+    state = TrainState(run_id=run_id)
+    latest = ray.train.get_checkpoint()
+    if not latest:
+        return state
+    checkpoint, state.taken = choose(latest, rank, lambda w: (shout(w), state.warnings.append(w)))
+    if checkpoint is None:
+        raise RuntimeError(f"no checkpoint of this run passes verification (newest: {latest.path}; see the warnings "
+                           "above): move the broken step_* folders away to restart from the last good one, or "
+                           "start a new run")
+    with checkpoint.as_directory() as folder:
+        _, client = engine.load_checkpoint(folder, tag=DS_TAG)
+    sampler.load_state_dict(client["sampler"])
+    if "weighting" in client:  # checkpoints from before dynamic weighting were static
+        weighting.load_state_dict(client["weighting"])
+    state.step, state.best_score = client["step"], client["best_score"]
+    state.pending_eval = client.get("pending_eval", False)
+    state.run_id = client["run_id"] or run_id  # keep logging into the same MLflow run
+    torch.set_rng_state(client["torch_rng"])
+    if rank == 0:
+        say(f"resumed at step {state.step} (sampler draw {sampler.draws}, best score {state.best_score:.2f})")
+    return state
 
-    def new_window() -> dict:  # throughput counts training time only: evaluation and checkpoints are paused
-        return {"start": time.perf_counter(), "paused": 0.0, "tokens": 0, "samples": 0, "losses": {t: [] for t in tasks},
-                "cpu": cpu_seconds(), "paused_cpu": 0.0,
-                "phases": dict.fromkeys(("data", "forward", "backward", "step"), 0.0)}
 
-    gpu_sync = torch.cuda.synchronize if train["profile"] and torch.cuda.is_available() else (lambda: None)
-    memory_step = min(2, train["steps"] - 1)  # measured once, after a backward, when optimizer state exists
-    memory: dict[str, float] = {}
-    if train["profile"]:
-        comm_seconds()  # start counting now (not engine start-up)
+def train_step(engine, batches: Iterator[dict], task: str, weighting, grad_accum: int,
+               at_boundary=None) -> tuple[list[float], int, int]:
+    """One optimizer step on `grad_accum` micro-batches of one task: (losses, tokens, samples).
+    `at_boundary()` runs after the last backward, while the reduced gradients exist (before step() zeroes them)."""
+    losses, tokens, samples = [], 0, 0
+    for micro in range(grad_accum):
+        batch = next(batches)
+        _, loss = engine(task=task, **batch)
+        engine.backward(weighting.weighted_loss(task, loss))
+        if micro == grad_accum - 1 and at_boundary is not None:
+            at_boundary()
+        engine.step()
+        losses.append(loss.detach().item())
+        tokens, samples = tokens + int(batch["attention_mask"].sum()), samples + len(batch["input_ids"])
+    return losses, tokens, samples
 
-    last_results: dict[str, tuple[list, list]] = {}
 
-    def dev_evaluation(step: int) -> dict[str, float]:
-        """Dev metrics at `step` (every rank gets the same numbers); a better score publishes best_model/.
-        A metric that raises is MetricFailed on every rank alike (the predictions are gathered first)."""
-        nonlocal best_score, last_results
-        results = last_results = evaluate(engine, model, dev, train["eval_batch_size"], pad_id, rank, world, prompts,
-                                          max_new, tokenizer, synced)
-        per_task = {t: task_metrics(specs[t], p, r) for t, (p, r) in results.items()}
-        score = multitask_score(per_task, specs)
-        out = {f"dev/{t}/{m}": v for t, ms in per_task.items() for m, v in ms.items()}
-        out["dev/score"] = score
-        if rank == 0:
-            say(f"eval step {step}: score {score:.2f} " + " ".join(
+class DevEvaluation:
+    """Dev metrics at a step, the same numbers on every rank; a better score publishes `best_model/`.
+    A metric that raises is MetricFailed on every rank alike (the predictions are gathered first)."""
+
+    def __init__(self, cfg: Config, job: WorkerJob, engine, model, tokenizer, rank: int, world: int):
+        self.cfg, self.job, self.engine, self.model, self.tokenizer = cfg, job, engine, model, tokenizer
+        self.rank, self.world, self.specs = rank, world, cfg.task_specs()
+        self.prompts = {t: summary_format(model.kind, tokenizer, self.specs[t].prompt) for t in job.tasks
+                        if self.specs[t].kind == "summarization"}
+        self.max_new = {t: cfg.max_new_tokens(self.specs[t]) for t in self.prompts}  # the declared summary length
+        self.rows = {t: ray_get(ref) for t, ref in job.dev.items()}
+        self.last: dict[str, tuple[list, list]] = {}  # the latest predictions, kept with final_model/
+
+    def __call__(self, state: TrainState) -> dict[str, float]:
+        from pipeline.eval.metrics import multitask_score, task_metrics
+        from pipeline.train.artifacts import publish_model
+        train = self.cfg.train
+        self.last = evaluate(self.engine, self.model, self.rows, train.eval_batch_size, self.tokenizer.pad_token_id,
+                             self.rank, self.world, self.prompts, self.max_new, self.tokenizer,
+                             synced=train.zero_stage == 3 and self.world > 1)
+        per_task = {t: task_metrics(self.specs[t], p, r) for t, (p, r) in self.last.items()}
+        score = multitask_score(per_task, self.specs)
+        if self.rank == 0:
+            say(f"eval step {state.step}: score {score:.2f} " + " ".join(
                 f"{t}:{m}={v:.4f}" for t, ms in per_task.items() for m, v in ms.items()))
-        if score > best_score:
-            best_score = score
-            publish_model(engine, model, tokenizer, config["run_dir"], "best_model", rank,
-                          {"step": step, "score": score, "per_task": per_task, "run_id": run_id, **config["meta"]})
-        out["dev/best_score"] = best_score
-        out["is_best"] = float(best_score == score)
-        return out
+        if score > state.best_score:
+            state.best_score = score
+            publish_model(self.engine, self.model, self.tokenizer, self.job.run_dir, BEST_MODEL, self.rank,
+                          {"step": state.step, "score": score, "per_task": per_task, "run_id": state.run_id,
+                           **self.job.meta})
+        out = {f"dev/{t}/{m}": v for t, ms in per_task.items() for m, v in ms.items()}
+        return {**out, "dev/score": score, "dev/best_score": state.best_score, "is_best": float(state.best_score == score)}
 
-    def failed(err: MetricFailed, step: int) -> None:
-        """Every rank stops here alike; rank 0 records what failed for the driver and MLflow."""
+
+def save_checkpoint(engine, state: TrainState, sampler: TaskSampler, weighting, metrics: dict[str, float],
+                    rank: int, world: int, tracker) -> None:
+    """Every rank saves its DeepSpeed shards plus the loop's state and a manifest of what it wrote; Ray
+    Train merges them into one checkpoint `<run dir>/step_NNNNNNN/`."""
+    import ray.train
+    folder = tempfile.mkdtemp(prefix="mtl-ckpt-")
+    client = {"step": state.step, "sampler": sampler.state_dict(), "best_score": state.best_score,
+              "run_id": state.run_id, "torch_rng": torch.get_rng_state(), "weighting": weighting.state_dict(),
+              "pending_eval": state.pending_eval}
+    engine.save_checkpoint(folder, tag=DS_TAG, client_state=client)
+    if rank == 0:
+        with open(os.path.join(folder, CHECKPOINT_META), "w") as fh:
+            json.dump({"step": state.step, "world": world, "run_id": state.run_id, "best_score": state.best_score,
+                       "sampler": sampler.state_dict()}, fh)
+    write_manifest(folder, rank)  # last: what this rank wrote, checked before any resume loads it
+    report = {"step": state.step, "best_score": state.best_score, **{f"steps/{t}": c for t, c in sampler.counts.items()},
+              **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
+    if tracker is not None:
+        tracker.flush_or_spool()
+    name = dir_name(state.step, state.taken)
+    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+    state.taken.add(name)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def ray_get(ref):
+    import ray
+    return ray.get(ref)
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Set up (engine, data, state), then a loop of step -> log -> evaluate -> checkpoint, then the final model."""
+    import ray.train
+    import torch.distributed as dist
+
+    from pipeline.eval.metrics import MetricFailed
+    from pipeline.train.artifacts import publish_model
+    from pipeline.train.failure import write_failure
+
+    job: WorkerJob = config["job"]
+    cfg, train = job.config, job.config.train
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if train.use_gpu else "cpu")  # no detection warning per worker
+    quiet_libraries()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.name)
+    model, engine, optimizer, weighting, shared = build_engine(cfg, job, world)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # per group: head multipliers stay applied
+    schedule = lr_lambda(train.schedule, train.warmup_steps, train.steps)
+    sampler = TaskSampler(job.ratios, cfg.seed)
+    state = restore(engine, sampler, weighting, rank, job.run_id)
+    tracker = RunLogger(job.tracking_uri, state.run_id, job.run_dir) if rank == 0 else None
+    if tracker is not None and state.warnings:  # a checkpoint fallback stays visible on the run, not only in a log
+        tracker.set_tag("mtl.resume_warning", " | ".join(state.warnings)[:5000])
+    evaluation = DevEvaluation(cfg, job, engine, model, tokenizer, rank, world)
+    iters = {t: batches_forever(ray.train.get_dataset_shard(t), train.batch_size, tokenizer.pad_token_id, cfg.seed + rank,
+                                evaluation.prompts.get(t), skip=sampler.counts[t] * train.grad_accum) for t in job.tasks}
+    profiler = Profiler(engine, iters) if train.profile else None
+    deadline = time.monotonic() + 60 * train.max_minutes if train.max_minutes else None
+    memory: dict[str, float] = {}  # what this rank holds (params, grads, optimizer), counted once after a backward
+
+    def at_boundary(task: str) -> None:
+        if weighting.needs_grads:  # collective at ZeRO 1-3: every rank, same parameters, same order
+            weighting.observe_grad(task, shared_gradient(shared))
+        if not memory and state.step >= min(2, train.steps - 1):
+            with window.pause():
+                memory.update({k: float(v) for k, v in model_state_bytes(model, optimizer).items()})
+
+    def failed(err: MetricFailed) -> None:  # every rank stops here alike; rank 0 tells the driver and MLflow
         if rank == 0:
-            shout(f"evaluation at step {step} failed: {err}; the checkpoint of step {step} is kept")
-            write_failure(config["run_dir"], {"step": step, "task": err.task, "metric": err.metric, "error": err.error})
-            if tracker is not None:
-                tracker.flush_or_spool()
+            shout(f"evaluation at step {state.step} failed: {err}; the checkpoint of step {state.step} is kept")
+            write_failure(job.run_dir, {"step": state.step, "task": err.task, "metric": err.metric, "error": err.error})
+            tracker.flush_or_spool() if tracker is not None else None
 
-    def save_checkpoint(step: int, metrics: dict[str, float], pending_eval: bool = False) -> None:
-        """Every rank saves its DeepSpeed shards plus the loop's state, then reports them as one checkpoint."""
-        folder = tempfile.mkdtemp(prefix="mtl-ckpt-")
-        client = {"step": step, "sampler": sampler.state_dict(), "best_score": best_score, "run_id": run_id,
-                  "torch_rng": torch.get_rng_state(), "weighting": weighting.state_dict(), "pending_eval": pending_eval}
-        engine.save_checkpoint(folder, tag=DS_TAG, client_state=client)
-        if rank == 0:
-            with open(os.path.join(folder, "meta.json"), "w") as fh:
-                json.dump({"step": step, "world": world, "run_id": run_id, "best_score": best_score,
-                           "sampler": sampler.state_dict()}, fh)
-        write_manifest(folder, rank)  # last: what this rank wrote, checked before any resume loads it
-        report = {"step": step, "best_score": best_score, **{f"steps/{t}": c for t, c in sampler.counts.items()},
-                  **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
-        if tracker is not None:
-            tracker.flush_or_spool()
-        name = dir_name(step, taken)
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
-        taken.add(name)
-        shutil.rmtree(folder, ignore_errors=True)
-
-    if pending_eval:  # the evaluation this checkpoint's step could not finish comes first, then a clean checkpoint
+    window, failure = Window(list(job.tasks), profiler), None
+    if state.pending_eval:  # the evaluation the checkpoint's step could not finish comes first, then a clean checkpoint
         try:
-            evaluated = dev_evaluation(step)
+            evaluated = evaluation(state)
         except MetricFailed as err:
-            return failed(err, step)
+            return failed(err)
+        state.pending_eval = False
         if tracker is not None:
-            tracker.log_metrics(evaluated, step)
-        save_checkpoint(step, evaluated)
+            tracker.log_metrics(evaluated, state.step)
+        save_checkpoint(engine, state, sampler, weighting, evaluated, rank, world, tracker)
 
-    window = new_window()
-    deadline = time.monotonic() + 60 * train["max_minutes"] if train["max_minutes"] else None
     engine.train()
-    last = step >= train["steps"]
-    failure: MetricFailed | None = None
+    last = state.step >= train.steps
     while not last and failure is None:
         task = sampler.next()
         for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * schedule(step)
-        if train["clip_grad"] > 0:
-            # DeepSpeed clips the gradient of the *weighted* loss. A step trains one task, so a fixed
-            # threshold would cancel the task's weight whenever its gradient norm exceeds it (most
-            # steps of a fine-tune): scaling the threshold with the weight clips the task's own gradient.
-            set_clip(engine, optimizer, train["clip_grad"] * weighting.grad_scale(task))
-        step_losses = []
-        phases = window["phases"]
-        for micro in range(train["grad_accum"]):
-            t0 = time.perf_counter()
-            batch = next(iters[task])
-            t1 = time.perf_counter()
-            _, loss = engine(task=task, **batch)
-            gpu_sync()
-            t2 = time.perf_counter()
-            engine.backward(weighting.weighted_loss(task, loss))
-            if weighting.needs_grads and micro == train["grad_accum"] - 1:
-                weighting.observe_grad(task, shared_gradient(shared))
-            gpu_sync()
-            t3 = time.perf_counter()
-            if step == memory_step and micro == train["grad_accum"] - 1 and not memory:
-                memory = {k: float(v) for k, v in model_state_bytes(model, optimizer).items()}
-            t3b = time.perf_counter()  # (the one-off memory count is not part of any phase)
-            engine.step()
-            gpu_sync()
-            t4 = time.perf_counter()
-            phases["data"] += t1 - t0
-            phases["forward"] += t2 - t1
-            phases["backward"] += t3 - t2
-            phases["step"] += t4 - t3b
-            window["paused"] += t3b - t3
-            window["tokens"] += int(batch["attention_mask"].sum())
-            window["samples"] += len(batch["input_ids"])
-            step_losses.append(loss.detach().item())
-        if train["zero_stage"] == 3:
+            group["lr"] = base * schedule(state.step)
+        if train.clip_grad > 0:  # clip the task's own gradient: a fixed threshold would cancel its weight
+            set_clip(engine, optimizer, train.clip_grad * weighting.grad_scale(task))
+        losses, tokens, samples = train_step(engine, iters[task], task, weighting, train.grad_accum,
+                                             at_boundary=lambda: at_boundary(task))
+        if train.zero_stage == 3:
             clear_stale_grads(optimizer)
-        window["losses"][task] += step_losses
-        step += 1
+        state.step += 1
+        window.add(task, losses, tokens, samples)
         if weighting.needs_losses:  # the same value on every rank, so every rank computes the same weights
-            mean_loss = torch.tensor([float(np.mean(step_losses))], dtype=torch.float64)
-            dist.all_reduce(mean_loss)
-            weighting.observe_loss(task, mean_loss.item() / world, step)
-        last = step == train["steps"]
-        if deadline is not None and not last:  # every rank stops at the same step: rank 0's clock decides
-            over = torch.tensor([float(time.monotonic() > deadline)])
-            dist.broadcast(over, src=0)
-            last = bool(over.item())
+            weighting.observe_loss(task, mean_over_ranks(losses, world), state.step)
+        last = state.step == train.steps or out_of_time(deadline)
 
         metrics: dict[str, float] = {}
-        if step % train["log_every"] == 0 or last:
-            counts = torch.tensor([window["tokens"], window["samples"]], dtype=torch.float64)
-            dist.all_reduce(counts)  # throughput of the whole group, not one rank
-            seconds = time.perf_counter() - window["start"] - window["paused"]
-            losses = {t: float(np.mean(v)) for t, v in window["losses"].items() if v}
-            metrics.update({f"loss/{t}": v for t, v in losses.items()})
-            metrics["loss/total"] = float(np.mean([weighting.weight(t) * v for t, v in losses.items()]))
-            metrics.update({f"weight/{t}": w for t, w in weighting.weights().items()})
-            metrics.update({f"steps/{t}": float(c) for t, c in sampler.counts.items()})  # steps drawn so far
-            metrics["lr"] = optimizer.param_groups[0]["lr"]
-            metrics["tokens_per_s"] = counts[0].item() / seconds
-            metrics["samples_per_s"] = counts[1].item() / seconds
-            if train["profile"]:  # rank 0's view; the phases and "other" add up to the window
-                busy = sum(window["phases"].values())
-                metrics.update({f"time/{k}": v for k, v in window["phases"].items()})
-                metrics.update({"time/window": seconds, "time/paused": window["paused"],
-                                "time/other": max(0.0, seconds - busy), "time/comm": comm_seconds(),
-                                "time/cpu": cpu_seconds() - window["cpu"] - window["paused_cpu"]})
-            window = new_window()
+        if state.step % train.log_every == 0 or last:
+            metrics = window.metrics(weighting, sampler, optimizer.param_groups[0]["lr"])
+            window = Window(list(job.tasks), profiler)
             if rank == 0:
-                hidden = ("steps/", "weight/") if weighting.method == "static" else ("steps/",)
-                say(f"step {step}/{train['steps']} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                                               if not k.startswith(hidden)))
-
-        paused, paused_cpu = time.perf_counter(), cpu_seconds()
-        if step % train["eval_every"] == 0 or last:
-            try:
-                metrics.update(dev_evaluation(step))
-            except MetricFailed as err:  # training is kept: this step is checkpointed below, evaluation pending
-                failure = err
-
-        if tracker is not None and metrics:
-            tracker.log_metrics(metrics, step)
-
-        if step % train["checkpoint_every"] == 0 or last or failure is not None:
-            save_checkpoint(step, metrics, pending_eval=failure is not None)
-        window["paused"] += time.perf_counter() - paused
-        window["paused_cpu"] += cpu_seconds() - paused_cpu
-
+                say(f"step {state.step}/{train.steps} " + " ".join(
+                    f"{k}={v:.4g}" for k, v in metrics.items()
+                    if not k.startswith(("steps/", "weight/") if weighting.method == "static" else ("steps/",))))
+        with window.pause():
+            if state.step % train.eval_every == 0 or last:
+                try:
+                    metrics.update(evaluation(state))
+                except MetricFailed as err:  # training is kept: this step is checkpointed, its evaluation pending
+                    state.pending_eval, failure = True, err
+            if tracker is not None and metrics:
+                tracker.log_metrics(metrics, state.step)
+            if state.step % train.checkpoint_every == 0 or last or failure is not None:
+                save_checkpoint(engine, state, sampler, weighting, metrics, rank, world, tracker)
     if failure is not None:
-        return failed(failure, step)
+        return failed(failure)
 
     # What each rank held (model states, measured once) and its peak RSS, logged by rank 0.
     held = [None] * world
@@ -470,13 +458,29 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if tracker is not None:
         psi = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         tracker.log_metrics({"memory/psi": float(psi), **{f"memory/rank{r}/{k}": v for r, m in enumerate(held)
-                                                          for k, v in m.items()}}, step)
-
-    # The engine's own predictions on the dev rows at the last step travel with the model, so a
-    # reloaded copy can be checked against them.
-    publish_model(engine, model, tokenizer, config["run_dir"], "final_model", rank,
-                  {"step": step, "run_id": run_id, **config["meta"]},
+                                                          for k, v in m.items()}}, state.step)
+    # The engine's own predictions on the dev rows at the last step travel with the model, so a reloaded copy
+    # can be checked against them.
+    publish_model(engine, model, tokenizer, job.run_dir, FINAL_MODEL, rank, {"step": state.step, "run_id": state.run_id,
+                                                                                 **job.meta},
                   files={"dev_predictions.json": {t: {"predictions": p, "references": r}
-                                                  for t, (p, r) in last_results.items()}})
+                                                  for t, (p, r) in evaluation.last.items()}})
     if tracker is not None:
         tracker.flush_or_spool()
+
+
+def mean_over_ranks(values: list[float], world: int) -> float:
+    import torch.distributed as dist
+    mean = torch.tensor([float(np.mean(values))], dtype=torch.float64)
+    dist.all_reduce(mean)
+    return mean.item() / world
+
+
+def out_of_time(deadline: float | None) -> bool:
+    """train.max_minutes: rank 0's clock decides, so every rank stops at the same step."""
+    import torch.distributed as dist
+    if deadline is None:
+        return False
+    over = torch.tensor([float(time.monotonic() > deadline)])
+    dist.broadcast(over, src=0)
+    return bool(over.item())

@@ -19,6 +19,13 @@ def normalise_weights(weights: Mapping[str, float]) -> dict[str, float]:
     return {t: len(weights) * w / total for t, w in weights.items()}
 
 
+def normalise_ratios(ratios: Mapping[str, float]) -> dict[str, float]:
+    total = sum(ratios.values())
+    if total <= 0 or any(v < 0 for v in ratios.values()):
+        raise ValueError(f"sampling ratios must be non-negative with a positive sum, got {dict(ratios)}")
+    return {t: v / total for t, v in ratios.items()}
+
+
 def sampling_ratios(strategy: str, train_rows: Mapping[str, int], explicit: Mapping[str, float] | None = None,
                     temperature: float = 1.0) -> dict[str, float]:
     """explicit: as given; proportional: by train rows; temperature: p ∝ n^(1/T). Sums to 1."""
@@ -30,10 +37,7 @@ def sampling_ratios(strategy: str, train_rows: Mapping[str, int], explicit: Mapp
         raw = {t: float(n) ** (1.0 / temperature) for t, n in train_rows.items()}
     else:
         raise ValueError(f"unknown sampling strategy {strategy!r}")
-    total = sum(raw.values())
-    if total <= 0 or any(v < 0 for v in raw.values()):
-        raise ValueError(f"sampling ratios must be non-negative with a positive sum, got {raw}")
-    return {t: v / total for t, v in raw.items()}
+    return normalise_ratios(raw)
 
 
 class TaskSampler:

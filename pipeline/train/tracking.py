@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from pipeline.train.rundir import SPOOL  # in the run folder: metrics the server never received
+
 SECRET_KEY = re.compile(r"(?i)(token|password|passwd|secret|api_?key|access_?key|credential)s?$")
 MAX_PENDING = 200_000  # metrics kept while the server is away
 
@@ -114,7 +116,6 @@ def open_tracking(uri: str, required: bool, doing: str = "training"):
     return MlflowClient(uri)
 
 
-SPOOL = "tracking_spool.jsonl"  # in the run folder: metrics the server never received
 
 
 class RunLogger:
