@@ -194,8 +194,8 @@ def _finish_mlflow(client, run_id: str, run_dir: str, log: Callable[[str], None]
         client.set_terminated(run_id, status="FINISHED")
     except Exception as err:  # the server went away at the very end
         warn(f"the run finished but MLflow could not be updated ({type(err).__name__}: {str(err).splitlines()[0][:160]}): "
-             f"its models are in {run_dir}; run `python jobs/train.py --config <config> --resume "
-             f"{run_dir.rstrip('/').rsplit('/', 1)[-1]}` with the server up to send the kept metrics and the model")
+             f"its models are in {run_dir}; run `{resume_command(None, RunDir(run_dir).name)}` with the server up "
+             "to send the kept metrics and the model")
 
 
 def _end_failed(client, run_id: str | None, status: str, line: str) -> None:
@@ -217,6 +217,34 @@ def _worker_env() -> dict | None:
     from pipeline.runtime import VERBOSE
     env = {k: os.environ[k] for k in (FAULT_METRIC, VERBOSE) if k in os.environ}
     return {"env_vars": env} if env else None
+
+
+def _fit(trainer, cfg: Config, client, run_id: str | None, run_dir: str, run_name: str, resume_with: str):
+    """`trainer.fit()`; a run that stops early stays resumable and says so in one line (PipelineError for a
+    failing evaluation metric, RunFailed for any other fault), MLflow marked FAILED or KILLED with that line."""
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        _end_failed(client, run_id, "KILLED", f"interrupted; continue with: {resume_with}")
+        raise
+    except Exception as err:  # the run stays resumable; one line says what died and how to continue
+        logged = log_failure(run_dir, err)
+        step = last_checkpoint_step(run_dir)
+        line = (f"run {run_name} failed: {what_died(err)}; "
+                + (f"last checkpoint: step {step}" if step is not None else "no checkpoint yet (it restarts from step 0)")
+                + f"; continue with: {resume_with} (traceback: {logged})")
+        _end_failed(client, run_id, "FAILED", line)
+        raise RunFailed(line) from err
+    failed = take_failure(run_dir)
+    if failed is not None:  # an evaluation metric raised: the step is checkpointed, its evaluation pending
+        task, metric = failed["task"], failed["metric"]
+        where = (f"tasks.{task}.define.metrics" if cfg.tasks[task].define is not None else f"tasks.{task}")
+        what = f"metric {metric!r} failed at the evaluation of step {failed['step']} ({failed['error']})"
+        fix = (f"fix the task's metrics, then continue from the checkpoint of step {failed['step']} (its evaluation "
+               f"runs first): {resume_with}")
+        _end_failed(client, run_id, "FAILED", f"{where}: {what} — {fix}")
+        raise PipelineError.one(where, what, fix)
+    return result
 
 
 def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | None = None,
@@ -298,29 +326,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
             worker_runtime_env=_worker_env(), callbacks=list(callbacks or [])),
         datasets=datasets,
     )
-    resume_with = resume_command(config_path, run_name, overrides)
-    try:
-        result = trainer.fit()
-    except KeyboardInterrupt:
-        _end_failed(client, run_id, "KILLED", f"interrupted; continue with: {resume_with}")
-        raise
-    except Exception as err:  # the run stays resumable; one line says what died and how to continue
-        logged = log_failure(run_dir, err)
-        step = last_checkpoint_step(run_dir)
-        line = (f"run {run_name} failed: {what_died(err)}; "
-                + (f"last checkpoint: step {step}" if step is not None else "no checkpoint yet (it restarts from step 0)")
-                + f"; continue with: {resume_with} (traceback: {logged})")
-        _end_failed(client, run_id, "FAILED", line)
-        raise RunFailed(line) from err
-    failed = take_failure(run_dir)
-    if failed is not None:  # an evaluation metric raised: the step is checkpointed, its evaluation pending
-        task, metric = failed["task"], failed["metric"]
-        where = (f"tasks.{task}.define.metrics" if cfg.tasks[task].define is not None else f"tasks.{task}")
-        what = f"metric {metric!r} failed at the evaluation of step {failed['step']} ({failed['error']})"
-        fix = (f"fix the task's metrics, then continue from the checkpoint of step {failed['step']} (its evaluation "
-               f"runs first): {resume_with}")
-        _end_failed(client, run_id, "FAILED", f"{where}: {what} — {fix}")
-        raise PipelineError.one(where, what, fix)
+    result = _fit(trainer, cfg, client, run_id, run_dir, run_name, resume_command(config_path, run_name, overrides))
     metrics = result.metrics or {}
     dev_metrics: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():

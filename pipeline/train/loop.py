@@ -303,7 +303,8 @@ class DevEvaluation:
         self.prompts = {t: summary_format(model.kind, tokenizer, self.specs[t].prompt) for t in job.tasks
                         if self.specs[t].kind == "summarization"}
         self.max_new = {t: cfg.max_new_tokens(self.specs[t]) for t in self.prompts}  # the declared summary length
-        self.rows = {t: ray_get(ref) for t, ref in job.dev.items()}
+        import ray
+        self.rows = {t: ray.get(ref) for t, ref in job.dev.items()}
         self.last: dict[str, tuple[list, list]] = {}  # the latest predictions, kept with final_model/
 
     def __call__(self, state: TrainState) -> dict[str, float]:
@@ -352,11 +353,6 @@ def save_checkpoint(engine, state: TrainState, sampler: TaskSampler, weighting, 
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def ray_get(ref):
-    import ray
-    return ray.get(ref)
-
-
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Set up (engine, data, state), then a loop of step -> log -> evaluate -> checkpoint, then the final model."""
     import ray.train
@@ -400,7 +396,8 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             shout(f"evaluation at step {state.step} failed: {err}; the checkpoint of step {state.step} is kept")
             write_failure(job.run_dir, {"step": state.step, "task": err.task, "metric": err.metric, "error": err.error})
-            tracker.flush_or_spool() if tracker is not None else None
+            if tracker is not None:
+                tracker.flush_or_spool()
 
     window, failure = Window(list(job.tasks), profiler), None
     if state.pending_eval:  # the evaluation the checkpoint's step could not finish comes first, then a clean checkpoint
