@@ -272,6 +272,7 @@ def test_driver_killed_then_resume_continues_the_same_mlflow_run(tmp_path, cache
     print(f"\ndriver kill after step {killed_after}: resumed from step {checkpoint}")
 
 
+@pytest.mark.slow  # the default tier checks the damage detection and the fallback order below, without training
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, cache_dir):
     """Truncate a file of the newest checkpoint: resume warns (stderr and an MLflow tag), loads the one
     before it, and the run ends at the requested step; the broken checkpoint is left for inspection."""
