@@ -33,28 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a working dir without install
 
-from pipeline.benchmarks import RESULTS, write  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.errors import PipelineError, exits_on_bad_input  # noqa: E402
+from pipeline.benchmarks import NAMES, RESULTS, run_benchmark, write, write_index  # noqa: E402
+from pipeline.errors import exits_on_bad_input  # noqa: E402
 from pipeline.runtime import job_parser  # noqa: E402
-
-NAMES = ["preprocess", "train", "memory", "tune", "generate", "train-data", "gpu-plan"]
-ORDER = ["preprocess", "train_data", "train", "memory_bf16", "memory_fp32", "tune", "generate", "gpu_plan"]
-
-
-def write_index(out: Path) -> Path:
-    """tests/bench/RESULTS.md: every benchmark's latest table, in a fixed order."""
-    parts = ["# Benchmark results", "",
-             "Each section is the latest output of `python jobs/benchmark.py <name>` (the command is in it); the "
-             "JSON beside each holds every number. Both sides of a comparison run in the same invocation.", ""]
-    for name in ORDER:
-        md = out / f"{name}.md"
-        if md.is_file():
-            parts += [md.read_text().replace("# Benchmark:", "## Benchmark:", 1), ""]
-    index = out.parent / "RESULTS.md" if out.resolve() == RESULTS.resolve() else out / "RESULTS.md"
-    index.write_text("\n".join(parts))
-    return index
-
 
 @exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
@@ -69,37 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="memory: training precision (default: %(default)s, the formulas' mixed precision)")
     args = parser.parse_intermixed_args(argv)
     command = "python jobs/benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    name = args.name.replace("-", "_")
-
-    if name == "preprocess":
-        from pipeline.benchmarks import preprocess
-        glue = args.glue_dir
-        if glue is None or not (glue / "SST-2" / "train.tsv").is_file():
-            raise PipelineError.one("--glue-dir", f"no SST-2/train.tsv under {glue}",
-                                    "pass the GLUE folder (the standard layout: SST-2/train.tsv)")
-        result, md = preprocess.run(glue.resolve(), command, repeats=args.repeats)
-    elif name == "train":
-        from pipeline.benchmarks import train
-        cfg = load_config(args.config or "jobs/configs/bench_train.yaml", args.overrides)
-        result, md = train.run(cfg, command, stages=tuple(int(s) for s in args.stages.split(",")),
-                               workers=tuple(int(w) for w in args.workers.split(",")))
-    elif name == "memory":
-        from pipeline.benchmarks import memory
-        result, md = memory.run(command, precision=args.precision)
-        name = f"memory_{args.precision}"
-    elif name == "tune":
-        from pipeline.benchmarks import tune
-        result, md = tune.run(command, extra=args.overrides)
-    elif name == "generate":
-        from pipeline.benchmarks import generate
-        result, md = generate.run(command, repeats=args.repeats)
-    elif name == "train_data":
-        from pipeline.benchmarks import train_data
-        cfg = load_config(args.config or "jobs/configs/default.yaml", args.overrides)
-        result, md = train_data.run(cfg, command, repeats=args.repeats)
-    else:
-        from pipeline.benchmarks import gpu_plan
-        result, md = gpu_plan.run(command)
+    name, result, md = run_benchmark(args.name, command, config=args.config, overrides=args.overrides,
+                                     repeats=args.repeats, glue_dir=args.glue_dir, stages=args.stages,
+                                     workers=args.workers, precision=args.precision)
     path = write(name, result, md, args.out)
     index = write_index(args.out)
     print(md)

@@ -17,7 +17,6 @@ batch composition), so its dev metrics equal the ones the run logged.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -51,8 +50,9 @@ def parser() -> argparse.ArgumentParser:
 @exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from pipeline.eval.evaluate import evaluate_model, markdown, open_model, score, write_glue_submission
-    from pipeline.train.tracking import open_tracking, tracking_uri
+    from pipeline.eval.evaluate import (evaluate_model, markdown, open_model, score, write_glue_submission,
+                                        write_results)
+    from pipeline.tracking import log_evaluation, tracking_uri
 
     start = time.monotonic()
     opened = open_model(args.model, storage_path=args.storage_path, which=args.which, config_path=args.config,
@@ -67,53 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
 
     out = output_dir(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(table)
-    payload = {"model": args.model, "run_id": opened.run_id, "score": dev_score,
-               "results": [{"task": r.task, "split": r.split, "rows": r.rows, "metrics": r.metrics} for r in results],
-               "predictions": {f"{r.task}/{r.split}": {"ids": r.ids, "predictions": r.predictions} for r in results}}
-    (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
+    files = write_results(out, args.model, opened, results, dev_score, table)
     written = write_glue_submission(results, opened.predictor, args.glue_submission) if args.glue_submission else []
     for path in written:
         print(f"GLUE submission file: {path}")
-    print(f"results: {out / 'results.md'}, {out / 'results.json'} ({time.monotonic() - start:.0f}s)")
+    print(f"results: {', '.join(map(str, files))} ({time.monotonic() - start:.0f}s)")
 
     if not args.no_mlflow:
         uri = tracking_uri(args.tracking_uri)
-        if open_tracking(uri, required=False, doing=f"the evaluation (results in {out})") is not None:
-            log_evaluation(uri, opened, results, dev_score, out, written)
+        run_id = log_evaluation(uri, opened.reference, opened.run_id, results, dev_score, files, written)
+        if run_id:
+            print(f"MLflow evaluation run: {run_id} ({uri})")
     return 0
-
-
-def log_evaluation(uri: str, opened, results, dev_score: float, out: Path, written: list[Path]) -> None:
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    client = MlflowClient(uri)
-    experiment_id = None
-    if opened.run_id:
-        try:
-            experiment_id = client.get_run(opened.run_id).info.experiment_id
-        except Exception:
-            experiment_id = None
-    if experiment_id is None:
-        from pipeline.train.tracking import experiment_id as find_experiment
-        experiment_id = find_experiment(client, "evaluations", uri)
-    tags = {"mtl.kind": "evaluation", "mtl.model": opened.reference}
-    if opened.run_id:
-        tags["mtl.evaluates_run"] = opened.run_id
-    run = client.create_run(experiment_id, run_name=f"eval-{Path(opened.reference).name}", tags=tags)
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"{r.split}/{r.task}/{m}", v, now, 0) for r in results for m, v in r.metrics.items()]
-    if dev_score == dev_score:
-        metrics.append(Metric("validation/score", dev_score, now, 0))
-    client.log_batch(run.info.run_id, metrics=metrics)
-    client.log_artifact(run.info.run_id, str(out / "results.md"))
-    client.log_artifact(run.info.run_id, str(out / "results.json"))
-    for path in written:
-        client.log_artifact(run.info.run_id, str(path), "glue_submission")
-    client.set_terminated(run.info.run_id)
-    print(f"MLflow evaluation run: {run.info.run_id} ({uri})")
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ Load it anywhere with `mlflow.pyfunc.load_model("models:/NAME@champion")`, or se
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a working dir without install
 
 from pipeline.errors import PipelineError, exits_on_bad_input  # noqa: E402
-from pipeline.train.rundir import MODEL_META, RUN_RECORD  # noqa: E402
+from pipeline.train.rundir import RUN_RECORD  # noqa: E402
 from pipeline.runtime import default_storage  # noqa: E402
 
 
@@ -45,63 +44,25 @@ def parser() -> argparse.ArgumentParser:
 @exits_on_bad_input
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    import mlflow
-    from mlflow import MlflowClient
+    from pipeline import storage
+    from pipeline.registry import promote_version, register_finished_run, registry_client
+    from pipeline.tracking import tracking_uri
 
-    from pipeline.registry import promote, register_run_model
-    from pipeline.train.tracking import check_reachable, tracking_uri
-
-    uri = tracking_uri(args.tracking_uri)
-    reason = check_reachable(uri)
-    if reason:
-        raise PipelineError.one("--tracking-uri", f"MLflow at {uri} cannot be reached ({reason})",
-                                "start the tracking server or pass the right --tracking-uri")
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
-
+    client = registry_client(tracking_uri(args.tracking_uri))
     if args.promote:
         alias = args.alias if args.alias != "challenger" else "champion"
-        try:
-            client.get_model_version(args.name, args.promote)
-        except Exception:
-            raise PipelineError.one("--promote", f"{args.name} has no version {args.promote}",
-                                    "list versions in the MLflow UI or with MlflowClient().search_model_versions()") from None
-        before = promote(client, args.name, args.promote, alias)
+        before = promote_version(client, args.name, args.promote, alias)
         print(f"{args.name}@{alias}: version {before or '(unset)'} -> {args.promote}")
         return 0
     if not args.run:
         raise PipelineError.one("--run", "is required to register a model", "pass --run RUN, or --promote VERSION")
-
-    from pipeline import storage
     candidates = [args.run, storage.join(storage.resolve(args.storage_path), args.run)]
     run_dir = next((c for c in candidates if storage.is_file(storage.join(c, RUN_RECORD))), None)
     if run_dir is None:
         raise PipelineError.one("--run", f"no run {args.run!r} (looked for run.json in {' and '.join(candidates)})",
                                 "pass a run folder or a run name under --storage-path")
-    run = json.loads(storage.read_text(storage.join(run_dir, RUN_RECORD)))
-    folder = storage.join(run_dir, args.which)
-    if not storage.is_file(storage.join(folder, MODEL_META)):
-        raise PipelineError.one("--which", f"{folder} holds no model yet", "register a finished run, or --which final_model")
-    if not run.get("run_id"):
-        raise PipelineError.one("--run", f"{run['run_name']} was trained without MLflow tracking",
-                                "retrain with tracking, or log the folder yourself with pipeline.registry.log_pyfunc")
-    meta = json.loads(storage.read_text(storage.join(folder, MODEL_META)))
-
-    print(f"logging {folder} as a pyfunc model of MLflow run {run['run_id']} ...", flush=True)
-    info, version = register_run_model(client, run_dir, args.name, which=args.which, alias=args.alias)
-    print(f"registered {args.name} version {version.version} ({info.model_uri}); alias {args.alias}")
-    if args.promote_if_better:
-        try:
-            champion = client.get_model_version_by_alias(args.name, "champion")
-            best = float(champion.tags.get("score", "nan"))
-        except Exception:
-            champion, best = None, float("-inf")
-        mine = float(meta.get("score", "nan"))
-        if mine > best or (champion is not None and best != best):
-            promote(client, args.name, version.version, "champion")
-            print(f"{args.name}@champion -> version {version.version} (dev score {mine:.2f} > {best:.2f})")
-        else:
-            print(f"champion stays at version {champion.version} (dev score {best:.2f} >= {mine:.2f})")
+    register_finished_run(client, run_dir, args.name, which=args.which, alias=args.alias,
+                          promote_if_better=args.promote_if_better, log=lambda line: print(line, flush=True))
     return 0
 
 

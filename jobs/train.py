@@ -27,7 +27,7 @@ from pipeline.runtime import init_ray, job_parser  # noqa: E402
 # Small enough for CI on 2 cores, large enough to exercise evaluation, checkpoints and both tasks.
 SMOKE = ["train.steps=8", "train.log_every=4", "train.eval_every=8", "train.checkpoint_every=8", "train.batch_size=8",
          "train.warmup_steps=0"]
-SMOKE_ROWS = {"train": 128, "validation": 64}
+SMOKE_ROWS = {"train": 128, "validation": 32}
 
 
 @exits_on_bad_input
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train.driver import train_driver
     from pipeline.train.failure import RunFailed
     try:
-        result = train_driver(cfg, resume=args.resume, config_path=args.config, overrides=(["--smoke"] if args.smoke else []) + list(args.overrides))
+        result = train_driver(cfg, resume=args.resume, config_path=args.config, progress=True,
+                              overrides=(["--smoke"] if args.smoke else []) + list(args.overrides))
     except RunFailed as err:  # one line: what died, the last checkpoint, the --resume command
         print(f"\n{err}", file=sys.stderr, flush=True)
         return 1

@@ -1,5 +1,5 @@
 """What the cluster can ever provide, so an impossible request fails at once instead of waiting forever
-on a placement group (DESIGN.md, "Errors").
+on a placement group (an exit-2 error in the format of pipeline/errors.py).
 
     capacity, source = cluster_capacity()   # {"CPU": 324.0, "GPU": 16.0}, "the autoscaler's maximum (~/ray_bootstrap_config.yaml) is"
 

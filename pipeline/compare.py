@@ -9,15 +9,20 @@ dev rows (the config's `max_rows.validation`, seeded order).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from pipeline.config import Config, load_config, config_to_dict
 from pipeline.tasks.spec import TaskSpec
+from pipeline.tracking import ComparisonTracking, tracking_uri
 
 ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL")
+GPT_NOTE = ("GPT-3 / GPT-4 rows of the paper are not reproduced: they need hosted models (no network "
+            "here, and their outputs are not open); compare against the paper's published numbers instead.")
 
 
 @dataclass
@@ -59,7 +64,7 @@ def tuned_config(cfg: Config, tuned_path: str) -> Config:
 
 
 def run_bilstm(cfg: Config, prepared: dict, task: str, steps: int, dev_rows: dict[str, list],
-               tracking: tuple[Any, str] | None = None) -> Row:
+               tracking: ComparisonTracking | None = None) -> Row:
     """Train and score the Bi-LSTM + attention baseline on one classification/regression task."""
     from pipeline.baselines.bilstm import predict_bilstm, train_bilstm
     from pipeline.eval.metrics import task_metrics
@@ -79,17 +84,9 @@ def run_bilstm(cfg: Config, prepared: dict, task: str, steps: int, dev_rows: dic
     wall = time.monotonic() - start
     run_ids = []
     if tracking is not None:
-        client, experiment_id = tracking
-        from mlflow.entities import Metric, Param
-        run = client.create_run(experiment_id, run_name=f"bilstm-{task}", tags={"mtl.kind": "baseline-bilstm", "mtl.task": task})
-        now = int(time.time() * 1000)
-        client.log_batch(run.info.run_id,
-                         metrics=[Metric(f"loss/{task}", v, now, s) for s, v in result.losses] +
-                                 [Metric(f"dev/{task}/{m}", v, now, steps) for m, v in metrics.items()],
-                         params=[Param("task", task), Param("steps", str(steps)), Param("batch_size", str(cfg.train.batch_size)),
-                                 Param("model", "bilstm-attention"), Param("vocab", cfg.model.name)])
-        client.set_terminated(run.info.run_id)
-        run_ids.append(run.info.run_id)
+        run_ids.append(tracking.baseline(task, steps, result.losses, metrics, {
+            "task": task, "steps": str(steps), "batch_size": str(cfg.train.batch_size), "model": "bilstm-attention",
+            "vocab": cfg.model.name}))
     return Row(f"Bi-LSTM + attention ({task})", {task: metrics}, steps, wall, run_ids)
 
 
@@ -136,19 +133,86 @@ def table_markdown(rows: list[Row], specs: dict[str, TaskSpec], notes: list[str]
     return "\n".join(lines + [""] + sub) + "\n"
 
 
-def loss_figure(client, run_id: str, title: str):
-    """Training-loss curves (one per task) from a run's MLflow metric history."""
+def loss_figure(curves: dict[str, list[tuple[int, float]]], title: str):
+    """Training-loss curves, one per task: (step, value) pairs by task."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    run = client.get_run(run_id)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in sorted(k for k in run.data.metrics if k.startswith("loss/") and k != "loss/total"):
-        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        ax.plot([m.step for m in history], [m.value for m in history], label=key.removeprefix("loss/"))
+    for task, history in curves.items():
+        ax.plot([s for s, _ in history], [v for _, v in history], label=task)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def run_comparison(cfg: Config, config_path: str, out: Path, command: str, *, tuned: str | None = None,
+                   skip_single_task: bool = False, say: Callable[[str], None] = print) -> Path:
+    """Train and score every row on the same tasks and dev rows; write comparison.md / .json to `out`, log a
+    loss plot to every model's run and the table to a comparison run. The multi-task run trains first: its
+    sampler's per-task step counts are the single-task and Bi-LSTM budgets. Returns the Markdown report's path."""
+    from pipeline.data.preprocess import prepare_tasks
+    from pipeline.train.driver import dev_rows, train_driver
+
+    specs = cfg.task_specs()
+    prepared = prepare_tasks(cfg)  # fail on data problems before any training starts
+    out.mkdir(parents=True, exist_ok=True)
+
+    def trained(name: str, c: Config) -> tuple[Row, Any]:
+        say(f"\n=== {name}: {', '.join(c.tasks)} for {c.train.steps} steps ===")
+        r = train_driver(c, config_path=config_path, progress=True)
+        return Row(name, r.dev_metrics, r.steps, r.wall_seconds, [r.run_id] if r.run_id else []), r
+
+    mtl_row, mtl = trained("multi-task (equal weights)", cfg)
+    rows, steps = [mtl_row], mtl.task_steps
+    say(f"steps the multi-task sampler drew per task: {steps}")
+    if tuned:
+        rows.append(trained("multi-task (tuned)", tuned_config(cfg, tuned))[0])
+    if not skip_single_task:
+        singles = [trained(f"single-task {t}", single_task_config(cfg, t, steps[t]))[0] for t in cfg.tasks if steps.get(t)]
+        rows.append(merge_rows(f"single-task ({cfg.model.name}, one model per task)", singles))
+
+    tracking = ComparisonTracking.open(tracking_uri(cfg.tracking.uri), cfg.tracking.required,
+                                       cfg.tracking.experiment or cfg.name)
+    bilstm = []
+    for t, spec in specs.items():
+        if spec.kind != "summarization" and steps.get(t):
+            say(f"\n=== Bi-LSTM + attention: {t} for {steps[t]} steps ===")
+            dev = dev_rows(prepared[t], cfg.tasks[t].max_rows.get("validation"), cfg.seed)
+            bilstm.append(run_bilstm(cfg, prepared, t, steps[t], dev, tracking))
+    if bilstm:
+        rows.append(merge_rows("Bi-LSTM + attention (from scratch, one per task)", bilstm))
+
+    report = f"# Comparison: {cfg.name}\n\nCommand: `{command}`\n\n" + table_markdown(rows, specs, notes(cfg, steps))
+    (out / "comparison.md").write_text(report)
+    (out / "comparison.json").write_text(json.dumps(
+        {"command": command, "config": config_path, "rows": [r.__dict__ for r in rows], "task_steps": steps}, indent=1))
+    say("\n" + report)
+    if tracking is not None:
+        for row in rows:
+            for run_id in row.run_ids:
+                tracking.loss_plot(run_id, row.model)
+        run_id = tracking.comparison(cfg.name, [out / "comparison.md", out / "comparison.json"])
+        say(f"MLflow comparison run: {run_id} ({tracking.uri})")
+    return out / "comparison.md"
+
+
+def notes(cfg: Config, steps: dict[str, int]) -> list[str]:
+    """What the table's numbers are, under it."""
+    summarization = [t for t, s in cfg.task_specs().items() if s.kind == "summarization"]
+    lines = [
+        f"Dev splits; the multi-task run trained {cfg.train.steps} steps of batch {cfg.train.batch_size} (per worker) × "
+        f"{cfg.train.num_workers} workers; the sampler drew {', '.join(f'{t} {n}' for t, n in steps.items())} steps.",
+        "Single-task models and Bi-LSTMs get exactly those per-task step counts (same data seen); their train "
+        "steps/wall are sums over the per-task models. Wall time includes start-up and evaluation.",
+        "Values are ×100: classification accuracy (or the task's primary metric), STS-B Pearson, ROUGE F1. "
+        "`GLUE-style avg` averages the classification/regression primary metrics; `all-task score` adds "
+        "ROUGE-1 for summarization (the training runs' multi-task score).",
+    ]
+    if summarization:
+        lines.append(f"Bi-LSTM rows have no summarization model ({', '.join(summarization)}: n/a); the paper's "
+                     "LSTM encoder-decoder baseline is not implemented.")
+    return lines + [GPT_NOTE]

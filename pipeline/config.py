@@ -240,7 +240,8 @@ class TrainConfig(Strict):
     """Wall-clock budget of one attempt: past it, training stops at the next step and ends as at the last
     step (evaluation, checkpoint, final model). Unset: train all `steps`. A resumed run gets it anew."""
     batch_size: int = Field(16, ge=1)
-    """Examples per micro-batch per worker."""
+    """Examples per micro-batch per worker: one optimizer step sees batch_size × num_workers × grad_accum
+    examples of one task."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches (of the same task) accumulated per optimizer step."""
     lr: float = Field(5e-5, gt=0)
@@ -345,7 +346,7 @@ class Config(Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     tasks: dict[str, TaskConfig] = Field(min_length=1)
-    """Tasks to train on, by name: built-in tasks (see README) or user tasks with `define:`."""
+    """Tasks to train on, by name: built-in tasks (docs/guide.md, "Task catalogue") or user tasks with `define:`."""
     sampling: SamplingConfig = SamplingConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -512,7 +513,7 @@ def problems_from(err: ValidationError, root: type[BaseModel] | None = None) -> 
             problems.append(Problem(key, "unknown key", f"{hint}remove it; allowed here: {', '.join(allowed)}"))
             continue
         ctx = {k: v for k, v in (e.get("ctx") or {}).items()}
-        fix = _FIXES.get(e["type"], "see the config reference in README.md").format(**ctx)
+        fix = _FIXES.get(e["type"], "see the config reference in docs/configuration.md").format(**ctx)
         msg = e["msg"].removeprefix("Value error, ")
         if " — " in msg:  # a validator's own "what — fix"
             msg, fix = msg.split(" — ", 1)
@@ -557,7 +558,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def reference_markdown() -> str:
-    """The config reference table in README.md, generated from the field docstrings."""
+    """The config reference table in docs/configuration.md, generated from the field docstrings."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
 
     def walk(model: type[BaseModel], prefix: str) -> None:

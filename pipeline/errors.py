@@ -1,4 +1,4 @@
-"""One error type for bad input, printed as one line per problem (see README, "Errors").
+"""One error type for bad input, printed as one line per problem (see docs/guide.md, "Errors").
 
 Every problem names where it is (a config key, a file:row, or a task), what is wrong, and how to fix
 it. Jobs catch `PipelineError`, print every problem at once and exit with status 2.

@@ -5,11 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 LOCAL_ENV = {
     "TOKENIZERS_PARALLELISM": "false",  # Ray workers already use every core
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",  # worker start can exceed the 60 s default on small machines
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one machine: no node is preempted (and its actor logs an error line)
+}
+# For a Ray started here, unless --verbose: what its worker processes print too (they inherit the environment).
+QUIET_LOCAL_ENV = {
+    "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+    "RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml")),  # console at WARNING
 }
 
 
@@ -17,20 +24,27 @@ VERBOSE = "MTL_VERBOSE"  # "1": library logs (Ray Data, Ray Train, DeepSpeed, tr
 
 
 def quiet_libraries() -> None:
-    """Library chatter off the console unless $MTL_VERBOSE=1 (`--verbose`): Ray Data and Ray Train INFO
+    """Library chatter off the console unless $MTL_VERBOSE=1 (`--verbose`): Ray Data's and Ray Train's INFO
     lines, MLflow's store set-up, transformers' load reports and progress bars, deprecation warnings.
-    Warnings of real problems and errors still print; Ray keeps every process's full log under
-    /tmp/ray/session_latest/logs. Called in the driver and at the start of every training worker."""
+    Warnings of real problems and errors still print; the INFO lines stay in Ray's log files
+    (/tmp/ray/session_latest/logs: ray-data.log, train/). Called in the driver and at the start of every
+    training worker."""
     import logging
     import warnings
     if os.environ.get(VERBOSE) == "1":
         return
-    for name in ("ray.data", "ray.train", "ray.tune", "mlflow", "absl"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for name in ("ray.train", "ray.tune", "mlflow", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray Data sets up its logger when imported (its file handler keeps every level): raise only its console's.
+    import ray.data  # noqa: F401
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.WARNING)
 
 
 def init_ray(verbose: bool = False) -> None:
@@ -41,12 +55,12 @@ def init_ray(verbose: bool = False) -> None:
 
     if verbose:
         os.environ[VERBOSE] = "1"
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):  # starting Ray here: its workers inherit this
+        for key, value in {**LOCAL_ENV, **({} if verbose else QUIET_LOCAL_ENV)}.items():
+            os.environ.setdefault(key, value)
     quiet_libraries()
     if ray.is_initialized():
         return
-    if not os.environ.get("RAY_ADDRESS"):  # starting Ray here: its workers inherit this environment
-        for key, value in LOCAL_ENV.items():
-            os.environ.setdefault(key, value)
     ray.init(logging_config=None if verbose else ray.LoggingConfig(log_level="WARNING"))
     res = ray.cluster_resources()
     print(f"ray: connected to a cluster with {res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs",

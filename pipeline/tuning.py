@@ -132,7 +132,7 @@ class TuneSpec(Strict):
     report_every: int = Field(20, ge=1)
     """Steps between dev evaluations (each one a Tune report and a checkpoint)."""
     max_concurrent_trials: int | None = Field(None, ge=1)
-    """Trials at once (default: as many as the cluster's CPUs/GPUs hold, see README)."""
+    """Trials at once (default: as many as the cluster's CPUs/GPUs hold, see docs/guide.md)."""
     space: Space = Space()
     register_as: str | None = None
     """Registered model name for the best trial's model (alias `challenger`); unset: not registered."""

@@ -61,18 +61,24 @@ def test_bilstm_row_on_real_data_is_tracked_with_a_loss_plot(cfg, tmp_path, ray_
     from mlflow import MlflowClient
 
     from pipeline.data.preprocess import prepare_tasks
+    from pipeline.tracking import ComparisonTracking, metric_history, run_metrics
     from pipeline.train.driver import dev_rows
 
     cfg = cfg.model_copy(update={"tasks": {"bbc_news": cfg.tasks["bbc_news"]}})
     prepared = prepare_tasks(cfg, log=lambda _: None)
     dev = dev_rows(prepared["bbc_news"], 228, cfg.seed)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment = client.create_experiment("compare-test")
-    row = run_bilstm(cfg, prepared, "bbc_news", 30, dev, (client, experiment))
-    assert row.steps == 30 and set(row.metrics) == {"bbc_news"}
-    assert 0.0 <= row.metrics["bbc_news"]["accuracy"] <= 1.0 and set(row.metrics["bbc_news"]) == {"accuracy", "macro_f1"}
-    history = client.get_metric_history(row.run_ids[0], "loss/bbc_news")
-    assert [m.step for m in history] == [10, 20, 30]
-    fig = loss_figure(client, row.run_ids[0], "Bi-LSTM bbc_news")
-    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["bbc_news"]
-    assert len(fig.axes[0].get_lines()[0].get_xdata()) == 3
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = ComparisonTracking.open(uri, True, "compare-test")
+    row = run_bilstm(cfg, prepared, "bbc_news", 30, dev, tracking)
+    assert row.steps == 30 and set(row.metrics) == {"bbc_news"} and set(row.metrics["bbc_news"]) == {"accuracy", "macro_f1"}
+    (run_id,) = row.run_ids
+    logged = run_metrics(uri, run_id)  # the row's numbers are the run's numbers
+    assert {m: logged[f"dev/bbc_news/{m}"] for m in ("accuracy", "macro_f1")} == row.metrics["bbc_news"]
+    history = metric_history(uri, run_id, "loss/bbc_news")
+    assert [s for s, _ in history] == [10, 20, 30]
+
+    tracking.loss_plot(run_id, "Bi-LSTM bbc_news")
+    assert "training_loss.png" in {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
+    fig = loss_figure({"bbc_news": history}, "Bi-LSTM bbc_news")
+    (line,) = fig.axes[0].get_lines()
+    assert line.get_label() == "bbc_news" and list(line.get_ydata()) == [v for _, v in history]

@@ -28,8 +28,18 @@ def test_every_shipped_config_validates(path):
     assert set(cfg.task_specs()) == set(cfg.tasks)
 
 
-def test_shipped_configs_exist():
-    assert {"default.yaml", "glue.yaml"} <= {p.name for p in SHIPPED}
+def test_every_config_the_project_names_exists_and_is_validated_above():
+    """The configs the README, the docs, the Makefile and the jobs' docstrings name are real files, and the training
+    configs among them are the ones test_every_shipped_config_validates loads."""
+    import re
+    texts = [(ROOT / f).read_text() for f in ("README.md", "Makefile")] + \
+            [p.read_text() for p in [*(ROOT / "jobs").glob("*.py"), *(ROOT / "docs").glob("*.md")]]
+    named = {m for t in texts for m in re.findall(r"jobs/configs/[\w./-]+\.yaml", t)}
+    assert "jobs/configs/default.yaml" in named and len(named) >= 4, named
+    missing = sorted(n for n in named if not (ROOT / n).is_file())
+    assert not missing, missing
+    training = {ROOT / n for n in named if not Path(n).name.startswith("tune_")}
+    assert training <= set(SHIPPED), training - set(SHIPPED)
 
 
 def test_overrides_are_typed_and_nested():

@@ -90,18 +90,18 @@ def test_pairs_and_regression_targets(glue, glue_dir):
 def test_seeded_order_is_reproducible_and_columns_can_be_chosen(glue, monkeypatch):
     _, prepared, _ = glue
     # reproducible: the same seed gives the same rows in the same order in every execution below
-    first = prepared["sst2"].dataset("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"]).take_all()
-    other = prepared["sst2"].dataset("train", limit=50, shuffle_seed=4, columns=["input_ids", "label"]).take_all()
+    first = prepared["mrpc"].dataset("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"]).take_all()
+    other = prepared["mrpc"].dataset("train", limit=50, shuffle_seed=4, columns=["input_ids", "label"]).take_all()
     assert first != other and set(first[0]) == {"input_ids", "label"}
     assert {r["label"] for r in first} == {0.0, 1.0}  # a random subset, not the head of the file
     # the in-memory reader for small splits gives the same rows in the same order
-    table = prepared["sst2"].table("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"])
+    table = prepared["mrpc"].table("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"])
     assert table.to_pylist() == first
     # what training gets: ordered in-process below SMALL_SPLIT_BYTES, by Ray Data above; the same either way
     import pipeline.data.preprocess as pre
-    small = prepared["sst2"].materialized("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"])
+    small = prepared["mrpc"].materialized("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"])
     monkeypatch.setattr(pre, "SMALL_SPLIT_BYTES", 0)
-    large = prepared["sst2"].materialized("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"])
+    large = prepared["mrpc"].materialized("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"])
     assert small.take_all() == large.take_all() == first
 
 

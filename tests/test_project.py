@@ -1,4 +1,4 @@
-"""The project's own promises: README matches the code, one dependency list, CI runs the README's tests."""
+"""The project's own promises: README and docs match the code, one dependency list, CI runs the README's tests."""
 
 from __future__ import annotations
 
@@ -13,17 +13,26 @@ from pipeline.tasks import BUILTIN
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = {p.name: p.read_text() for p in (ROOT / "docs").glob("*.md")}
 
 
-def test_readme_config_reference_is_current():
-    block = README.split("<!-- config-reference:start")[1].split("<!-- config-reference:end -->")[0]
+def test_config_reference_is_current():
+    block = DOCS["configuration.md"].split("<!-- config-reference:start")[1].split("<!-- config-reference:end -->")[0]
     assert block.split("\n", 1)[1].strip() == reference_markdown().strip(), \
         "regenerate with: python -m pipeline.config --reference"
 
 
-def test_readme_catalogue_lists_every_builtin_task():
+def test_guide_catalogue_lists_every_builtin_task():
     for spec in BUILTIN:
-        assert f"| `{spec.name}` |" in README, spec.name
+        assert f"| `{spec.name}` |" in DOCS["guide.md"], spec.name
+
+
+def test_readme_and_docs_link_only_to_files_that_exist():
+    for name, text in [("README.md", README)] + [(f"docs/{n}", t) for n, t in DOCS.items()]:
+        base = ROOT if name == "README.md" else ROOT / "docs"
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if not target.startswith(("http://", "https://")):
+                assert (base / target).exists(), (name, target)
 
 
 def test_readme_two_commands_and_ci_runs_the_test_command():

@@ -70,7 +70,8 @@ def test_aliases_move_between_versions(registered):
 
 def test_champion_in_a_fresh_process_reproduces_the_run(registered):
     """Load by alias in a new interpreter, send the dev rows as text, get the engine's predictions back
-    (fp32, same rows, same batch composition via eval_world) and the run's logged metrics within 1e-6."""
+    (fp32, same rows, same batch composition via eval_world) and the run's logged metrics within 1e-6 —
+    running the code the model ships (inference modules only), not this checkout's."""
     from mlflow import MlflowClient
 
     from pipeline.eval.metrics import task_metrics
@@ -87,11 +88,18 @@ def test_champion_in_a_fresh_process_reproduces_the_run(registered):
         "for task, (a, b) in spans.items():\n"
         "    p = model.predict(frame.iloc[a:b], params={'eval_world': 2, 'batch_size': 16})\n"
         "    out[task] = p[['label_id', 'score', 'summary']].astype(object).where(p.notna(), None).to_dict('list')\n"
+        "import pipeline, pathlib\n"
+        "root = pathlib.Path(pipeline.__file__).parent\n"
+        "out['_code'] = [str(root), sorted(str(p.relative_to(root)) for p in root.rglob('*.py'))]\n"
         "print(json.dumps(out))\n")
     proc = subprocess.run([sys.executable, "-c", script], input=json.dumps([records, spans]), cwd=tmp,
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
+    from pipeline.registry import INFERENCE_FILES
+    shipped_root, shipped = got.pop("_code")
+    assert not shipped_root.startswith(str(ROOT)) and Path(shipped_root).parent.name == "code", shipped_root
+    assert shipped == sorted(INFERENCE_FILES) and not any(f.startswith(("train/", "benchmarks/", "baselines/")) for f in shipped)
 
     engine = json.loads((Path(result.run_dir) / "final_model" / "dev_predictions.json").read_text())
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")

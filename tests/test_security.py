@@ -86,7 +86,7 @@ def test_yaml_is_only_read_with_safe_load():
 def test_credentials_in_the_tracking_uri_are_refused(monkeypatch):
     from pipeline.config import load_config
     from pipeline.errors import PipelineError
-    from pipeline.train.tracking import tracking_uri
+    from pipeline.tracking import tracking_uri
     with pytest.raises(PipelineError) as info:
         load_config(None, ["tasks={sst2: {}}", "tracking.uri=https://alice:hunter2@mlflow.example.com"])
     (line,) = [str(p) for p in info.value.problems]
@@ -98,7 +98,7 @@ def test_credentials_in_the_tracking_uri_are_refused(monkeypatch):
 
 
 def test_secret_keys_are_dropped_from_params_and_redacted_in_copies():
-    from pipeline.train.tracking import flatten_params, redact
+    from pipeline.tracking import flatten_params, redact
     tree = {"a": {"api_key": "k1", "Password": "k2", "auth_token": "k3", "secrets": ["k4"], "client_credential": "k5",
                   "access_key": "k6", "b": 1, "tokenizer": "kept"}}
     assert flatten_params(tree) == {"a.b": "1", "a.tokenizer": "kept"}

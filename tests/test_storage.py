@@ -61,7 +61,7 @@ def test_sqlite_experiments_keep_artifacts_beside_the_store(tmp_path, monkeypatc
     working directory of the process that created it (a submitted job's or Tune trial's is temporary)."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.tracking import artifact_location, experiment_id
+    from pipeline.tracking import artifact_location, experiment_id
 
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     (tmp_path / "store").mkdir()

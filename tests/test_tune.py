@@ -139,6 +139,35 @@ def test_two_trial_experiment_tracks_parent_and_children_and_writes_the_best_con
     assert {t: c.weight for t, c in cfg.tasks.items()} == best["weights"] and cfg.train.steps == 10
     assert client.get_model_version_by_alias("tt-model", "challenger").tags["run_name"] == best["run_name"]
 
+    # TensorBoard: every trial's folder holds event files with its dev score, per-task metrics and weights at
+    # each report (steps 5 and 10), the dev scores those of its MLflow run
+    by_name = {c.data.tags["mtl.run_name"]: c for c in children}
+    for t in trials:
+        (events,) = (tmp_path / "runs" / "tt-tune" / t["run_name"]).glob("events.out.tfevents.*")
+        points = _tensorboard_scalars(events)
+        assert {"ray/tune/dev/score", "ray/tune/dev/rotten_tomatoes/accuracy", "ray/tune/weight/bbc_news"} <= set(points)
+        assert [s for s, _ in points["ray/tune/step"]] == [1, 2] and [v for _, v in points["ray/tune/step"]] == [5, 10]
+        logged = [v for _, v in sorted((m.step, m.value) for m in client.get_metric_history(
+            by_name[t["run_name"]].info.run_id, "dev/score"))]
+        assert [v for _, v in points["ray/tune/dev/score"]] == pytest.approx(logged, abs=1e-4)
+        assert [v for _, v in points["ray/tune/weight/bbc_news"]] == pytest.approx([t["weights"]["bbc_news"]] * 2, abs=1e-4)
+
+
+def _tensorboard_scalars(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) per tag from a TensorBoard event file (TFRecord framing: length, crc, event, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    data, i, out = path.read_bytes(), 0, {}
+    while i < len(data):
+        (length,) = struct.unpack("<Q", data[i:i + 8])
+        event = event_pb2.Event()
+        event.ParseFromString(data[i + 12:i + 12 + length])
+        i += 12 + length + 4
+        for value in event.summary.value:
+            out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
 
 @pytest.mark.slow  # the default tier runs the two-trial experiment above
 @pytest.mark.timeout(1500)
@@ -194,7 +223,10 @@ def test_asha_experiment_killed_resumed_tracked_and_reproducible(tmp_path, cache
     for t in trials:
         assert sum(t["weights"].values()) == pytest.approx(2.0, abs=1e-4)
         assert sum(t["ratios"].values()) == pytest.approx(1.0, abs=1e-4)
-    assert (out / "weights_vs_score.png").stat().st_size > 5000 and "| trial |" in (out / "trials.md").read_text()
+    # the plot: two rows (weight, ratio) by one column per task, at the figure's size
+    import matplotlib.image
+    height, width = matplotlib.image.imread(out / "weights_vs_score.png").shape[:2]
+    assert (width, height) == (4 * 2 * 110, int(6.5 * 110)) and "| trial |" in (out / "trials.md").read_text()
 
     # MLflow: one parent, four nested children (the resumed trial kept its run), params and metrics.
     parent_id = summary["parent_run_id"]

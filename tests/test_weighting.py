@@ -277,19 +277,26 @@ def _run(tmp_path, cache_dir, *extra, steps: int = 20, resume: bool = False) -> 
     assert logged == list(range(2, steps + 1, 2)) and sorted(history["bbc_news"]) == logged
     for step in logged:  # weights sum to T = 2 at every logged step
         assert history["rotten_tomatoes"][step] + history["bbc_news"][step] == pytest.approx(2.0)
-    assert any(v != pytest.approx(1.0, abs=1e-4) for v in history["bbc_news"].values()), history
     return history
 
 
 def test_gradcos_at_zero3_logs_moving_weights(tmp_path, cache_dir, ray_session):
-    _run(tmp_path, cache_dir, "train.zero_stage=3", "train.weighting=gradcos")
+    """Gradients gathered from ZeRO-3 shards on both ranks move the weights away from the prior (1, 1)."""
+    history = _run(tmp_path, cache_dir, "train.zero_stage=3", "train.weighting=gradcos")
+    assert any(abs(v - 1.0) > 1e-4 for v in history["bbc_news"].values()), history
 
 
+@pytest.mark.slow  # default tier: gradcos at ZeRO-3 through the loop; DWA's arithmetic and state round trip by hand
 def test_dwa_at_zero3_logs_moving_weights(tmp_path, cache_dir, ray_session):
-    _run(tmp_path, cache_dir, "train.zero_stage=3", "train.weighting=dwa", "train.weighting_options={window: 2}", steps=16)
+    """DWA keeps the prior until a task has closed two loss windows (2 of its steps each: at least 4 draws),
+    then follows the rank-averaged loss ratios."""
+    history = _run(tmp_path, cache_dir, "train.zero_stage=3", "train.weighting=dwa", "train.weighting_options={window: 2}",
+                   steps=16)
+    assert history["bbc_news"][2] == 1.0 and history["rotten_tomatoes"][2] == 1.0, history  # 2 draws: no window closed
+    assert any(abs(v - 1.0) > 1e-4 for v in history["bbc_news"].values()), history
 
 
-@pytest.mark.slow  # default tier: state round trip (test_state_dict_round_trip_continues_exactly) and dwa/gradcos at ZeRO-3
+@pytest.mark.slow  # default tier: state round trip (test_state_dict_round_trip_continues_exactly) and gradcos at ZeRO-3
 def test_uncertainty_at_zero3_weighs_the_larger_loss_down_and_resumes(tmp_path, cache_dir, ray_session):
     options = ("train.zero_stage=3", "train.weighting=uncertainty", "train.weighting_options={lr: 0.1}")
     first = _run(tmp_path, cache_dir, *options, steps=10)

@@ -16,6 +16,62 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parents[2] / "tests" / "bench" / "results"
 
 
+NAMES = ["preprocess", "train", "memory", "tune", "generate", "train-data", "gpu-plan"]
+ORDER = ["preprocess", "train_data", "train", "memory_bf16", "memory_fp32", "tune", "generate", "gpu_plan"]
+
+
+def run_benchmark(name: str, command: str, *, config: str | None = None, overrides: list[str] = (),
+                  repeats: int = 3, glue_dir: Path | None = None, stages: str = "0,1,2,3", workers: str = "1,2",
+                  precision: str = "bf16") -> tuple[str, dict[str, Any], str]:
+    """Run benchmark `name` (one of NAMES); (result name, JSON-able result, Markdown)."""
+    from pipeline.config import load_config
+    from pipeline.errors import PipelineError
+    name = name.replace("-", "_")
+    if name == "preprocess":
+        from pipeline.benchmarks import preprocess
+        if glue_dir is None or not (glue_dir / "SST-2" / "train.tsv").is_file():
+            raise PipelineError.one("--glue-dir", f"no SST-2/train.tsv under {glue_dir}",
+                                    "pass the GLUE folder (the standard layout: SST-2/train.tsv)")
+        result, md = preprocess.run(glue_dir.resolve(), command, repeats=repeats)
+    elif name == "train":
+        from pipeline.benchmarks import train
+        cfg = load_config(config or "jobs/configs/bench_train.yaml", list(overrides))
+        result, md = train.run(cfg, command, stages=tuple(int(s) for s in stages.split(",")),
+                               workers=tuple(int(w) for w in workers.split(",")))
+    elif name == "memory":
+        from pipeline.benchmarks import memory
+        result, md = memory.run(command, precision=precision)
+        name = f"memory_{precision}"
+    elif name == "tune":
+        from pipeline.benchmarks import tune
+        result, md = tune.run(command, extra=list(overrides))
+    elif name == "generate":
+        from pipeline.benchmarks import generate
+        result, md = generate.run(command, repeats=repeats)
+    elif name == "train_data":
+        from pipeline.benchmarks import train_data
+        cfg = load_config(config or "jobs/configs/default.yaml", list(overrides))
+        result, md = train_data.run(cfg, command, repeats=repeats)
+    else:
+        from pipeline.benchmarks import gpu_plan
+        result, md = gpu_plan.run(command)
+    return name, result, md
+
+
+def write_index(out: Path) -> Path:
+    """tests/bench/RESULTS.md: every benchmark's latest table, in a fixed order."""
+    parts = ["# Benchmark results", "",
+             "Each section is the latest output of `python jobs/benchmark.py <name>` (the command is in it); the "
+             "JSON beside each holds every number. Both sides of a comparison run in the same invocation.", ""]
+    for name in ORDER:
+        md = out / f"{name}.md"
+        if md.is_file():
+            parts += [md.read_text().replace("# Benchmark:", "## Benchmark:", 1), ""]
+    index = out.parent / "RESULTS.md" if out.resolve() == RESULTS.resolve() else out / "RESULTS.md"
+    index.write_text("\n".join(parts))
+    return index
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     if Path("/proc/cpuinfo").exists():

@@ -23,10 +23,9 @@ GB = 2**30
 
 def run(command: str, *, model: str = "smollm2-135m", precision: str = "fp32", steps: int = 4,
         variants=VARIANTS) -> tuple[dict[str, Any], str]:
-    from mlflow.tracking import MlflowClient
-
     from pipeline.config import load_config
     from pipeline.runtime import init_ray
+    from pipeline.tracking import run_metrics
     from pipeline.train.driver import train_driver
     from pipeline.train.memory import zero_formula
 
@@ -45,7 +44,7 @@ def run(command: str, *, model: str = "smollm2-135m", precision: str = "fp32", s
                 f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"])
             print(f"{label}: training {steps} steps of {model} on 2 workers ...", flush=True)
             result = train_driver(cfg, log=lambda _: None)
-            metrics = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
+            metrics = run_metrics(result.tracking_uri, result.run_id)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         psi = int(metrics["memory/psi"])

@@ -92,14 +92,12 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict[str, Any]:
 
 
 def job_side(cfg) -> dict[str, Any]:
-    from mlflow.tracking import MlflowClient
-
+    from pipeline.tracking import metric_history, run_metrics
     from pipeline.train.driver import train_driver
     result = train_driver(cfg, log=lambda _: None)
-    client = MlflowClient(result.tracking_uri)
 
     def series(key: str) -> list[float]:
-        return [m.value for m in sorted(client.get_metric_history(result.run_id, key), key=lambda m: m.step)]
+        return [v for _, v in metric_history(result.tracking_uri, result.run_id, key)]
 
     rates = series("tokens_per_s")[1:]  # the first window holds warm-up
     phases = {p: sum(series(f"time/{p}")[1:]) for p in PHASES + ("comm",)}
@@ -108,7 +106,7 @@ def job_side(cfg) -> dict[str, Any]:
     tokens = sum(r * w for r, w in zip(rates, windows[1:]))  # the group's tokens in the kept windows
     cpu = sum(series("time/cpu")[1:])  # rank 0's process, over the same windows
     startup = result.wall_seconds - sum(windows) - sum(series("time/paused"))
-    memory = {k.split("/", 1)[1]: v for k, v in client.get_run(result.run_id).data.metrics.items() if k.startswith("memory/")}
+    memory = {k.split("/", 1)[1]: v for k, v in run_metrics(result.tracking_uri, result.run_id).items() if k.startswith("memory/")}
     return {"tokens_per_s": median(rates), "windows": rates, "wall_s": result.wall_seconds, "run": result.run_name,
             "startup_s": startup, "first_window_s": windows[0] if windows else None,
             "phases_s": phases, "measured_s": train_s, "measured_tokens": tokens, "memory": memory,

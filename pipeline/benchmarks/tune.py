@@ -42,12 +42,9 @@ def _side(spec: str, scheduler: list[str], overrides: list[str], out: Path, home
 
 def _scores(uri: str, parent_run_id: str) -> dict[str, dict[int, float]]:
     """Each trial's dev score at every report, from its MLflow run: what ASHA saw at its rungs."""
-    from mlflow.tracking import MlflowClient
-    client = MlflowClient(uri)
-    experiment = client.get_run(parent_run_id).info.experiment_id
-    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}'")
-    return {c.data.tags["mtl.run_name"]: {m.step: m.value for m in client.get_metric_history(c.info.run_id, "dev/score")}
-            for c in children}
+    from pipeline.tracking import TuneParent, metric_history
+    parent = TuneParent.reopen(uri, True, parent_run_id, resume=False)
+    return {name: dict(metric_history(uri, run.info.run_id, "dev/score")) for name, run in parent.children().items()}
 
 
 def rung_correlation(trials: list[dict], grace: int, reduction: int, steps: int) -> dict[int, float]:

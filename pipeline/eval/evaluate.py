@@ -63,28 +63,21 @@ def open_model(reference: str, *, storage_path: str | None = None, which: str = 
     """Resolve `reference`: `models:/name@alias` or `models:/name/version` or `runs:/id/model` (MLflow),
     a model folder (holds mtl_model.json), a run folder (holds run.json: its `which` model), a checkpoint
     (`<run>/step_NNNNNNN`, consolidated into a temporary folder), or a run name under `storage_path`."""
-    from pipeline.train.tracking import tracking_uri as default_uri
+    from pipeline.tracking import tracking_uri as default_uri
     if reference.startswith(("models:/", "runs:/", "m-")):
-        import mlflow
-        from mlflow import MlflowClient
+        from pipeline.registry import load_predictor, model_run_id
+        from pipeline.tracking import read_run_text
         uri = default_uri(tracking_uri)
-        mlflow.set_tracking_uri(uri)
-        from pipeline.registry import load_predictor
         try:
-            predictor = load_predictor(reference)
+            predictor = load_predictor(reference, uri)
         except Exception as err:
             raise PipelineError.one(reference, f"cannot be loaded from MLflow at {uri} ({str(err).splitlines()[0]})",
                                     "check the name/alias with `mlflow models` or the UI, and tracking.uri") from None
-        run_id = predictor.meta.get("run_id") or _registry_run_id(MlflowClient(uri), reference)
+        run_id = predictor.meta.get("run_id") or model_run_id(uri, reference)
         cfg = None
         if config_path is None and run_id:
-            try:
-                cfg = _config_from(json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/config/resolved_config.json")),
-                                   reference)
-            except PipelineError:
-                raise
-            except Exception:
-                cfg = None
+            recorded = read_run_text(uri, run_id, "config/resolved_config.json")
+            cfg = _config_from(json.loads(recorded), reference) if recorded is not None else None
         return OpenedModel(predictor, reference, cfg or _fallback_config(predictor, config_path), run_id)
     path = Path(reference).expanduser()
     if is_uri(reference):
@@ -143,18 +136,6 @@ def _fetch(location: str, which: str) -> Path:
         if storage.is_file(join(parent, RUN_RECORD)):
             (tmp / RUN_RECORD).write_text(storage.read_text(join(parent, RUN_RECORD)))
     return dest
-
-
-def _registry_run_id(client, reference: str) -> str | None:
-    if not reference.startswith("models:/"):
-        return reference.split("/")[1] if reference.startswith("runs:/") else None
-    name, _, rest = reference[len("models:/"):].partition("@")
-    try:
-        version = (client.get_model_version_by_alias(name, rest) if rest else
-                   client.get_model_version(*reference[len("models:/"):].split("/", 1)))
-        return version.run_id
-    except Exception:
-        return None
 
 
 def _fallback_config(predictor: Predictor, config_path: str | None) -> Config:
@@ -251,3 +232,14 @@ def write_glue_submission(results: list[SplitResult], predictor: Predictor, fold
         (folder / fname).write_text("\n".join(lines) + "\n")
         written.append(folder / fname)
     return written
+
+
+def write_results(out: Path, model: str, opened: OpenedModel, results: list, score: float, table: str) -> list[Path]:
+    """results.md (the table) and results.json (metrics and every prediction) in `out`; their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(table)
+    payload = {"model": model, "run_id": opened.run_id, "score": score,
+               "results": [{"task": r.task, "split": r.split, "rows": r.rows, "metrics": r.metrics} for r in results],
+               "predictions": {f"{r.task}/{r.split}": {"ids": r.ids, "predictions": r.predictions} for r in results}}
+    (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
+    return [out / "results.md", out / "results.json"]

@@ -23,7 +23,6 @@ import torch
 from pipeline.data.tokenize import encode_texts
 from pipeline.model.multitask import MODEL_META
 from pipeline.model.summarize import pad, summary_format
-from pipeline.storage import is_uri
 
 
 def batch_plan(n: int, batch_size: int, world: int = 1, rank: int | None = None) -> list[list[int]]:
@@ -166,32 +165,6 @@ def predict_frame(predictor: Predictor, frame, params: dict[str, Any] | None = N
         else:
             out.loc[rows.index, "summary"] = preds
     return out[OUTPUT_COLUMNS]
-
-
-class ReplicaPredictor:
-    """One model copy per Ray Data actor (`map_batches(ReplicaPredictor, concurrency=N)`), called on
-    pandas batches of (task, text[, text_pair]); returns the batch with the prediction columns added."""
-
-    def __init__(self, model: str, tracking_uri: str | None = None, batch_size: int = 32, num_beams: int = 1):
-        if model.startswith(("models:/", "runs:/")):
-            import mlflow
-
-            from pipeline.registry import load_predictor
-            if tracking_uri:
-                mlflow.set_tracking_uri(tracking_uri)
-            self.predictor = load_predictor(model)
-        elif is_uri(model):  # a model folder in an object store: this replica's own copy
-            import tempfile
-
-            from pipeline.storage import download
-            self.predictor = Predictor(download(model, Path(tempfile.mkdtemp(prefix="mtl-replica-")) / "model"))
-        else:
-            self.predictor = Predictor(model)
-        self.params = {"batch_size": batch_size, "num_beams": num_beams}
-
-    def __call__(self, batch):
-        preds = predict_frame(self.predictor, batch, self.params)
-        return batch.assign(**{c: preds[c] for c in preds.columns if c != "task"})
 
 
 def read_meta(folder: str | Path) -> dict:

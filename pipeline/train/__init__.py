@@ -1,1 +1,1 @@
-"""Training on Ray Train + DeepSpeed: the worker loop, the driver, mixing and tracking."""
+"""Training on Ray Train + DeepSpeed: the worker loop, the driver, mixing, weighting, checkpoints and the run folder."""

@@ -12,10 +12,11 @@ the run id to the workers, where rank 0 logs metrics.
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import os
+import sys
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,11 +24,12 @@ from pipeline import storage
 from pipeline.config import Config, config_to_dict
 from pipeline.data.preprocess import PreparedTask, prepare_tasks
 from pipeline.errors import PipelineError, Problem
+from pipeline.runtime import VERBOSE
 from pipeline.train.failure import (RunFailed, clear_failure, last_checkpoint_step, log_failure, resume_command,
                                     take_failure, what_died)
 from pipeline.train.mixing import normalise_weights, sampling_ratios
-from pipeline.train.rundir import BEST_MODEL, FINAL_MODEL, RUN_RECORD, RunDir
-from pipeline.train.tracking import experiment_id, flatten_params, open_tracking, redact, replay_spool, tracking_uri, warn
+from pipeline.train.rundir import RUN_RECORD, RunDir
+from pipeline.tracking import TrainingRun, redact, tracking_uri
 
 TRAIN_COLUMNS = ["input_ids", "token_type_ids", "label", "target_ids"]
 PASS_BYTES = 64 * 2**20  # a small task split is repeated to about this size per Ray Data execution (see materialized)
@@ -134,98 +136,20 @@ def _task_meta(cfg: Config, spec) -> dict[str, Any]:
     return meta
 
 
-def _start_mlflow(cfg: Config, run_name: str, previous: dict | None, uri: str,
-                  parent_run_id: str | None = None) -> tuple[Any, str | None]:
-    client = open_tracking(uri, cfg.tracking.required)
-    if client is None:
-        return None, None
-    if previous and previous.get("run_id"):
-        client.update_run(previous["run_id"], status="RUNNING")
-        return client, previous["run_id"]
-    experiment = experiment_id(client, cfg.tracking.experiment or cfg.name, uri)
-    tags = {"mtl.run_name": run_name}
-    if parent_run_id:  # a Tune trial: nested under the experiment's parent run
-        tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment, run_name=run_name, tags=tags)
-    return client, run.info.run_id
-
-
-def _log_run_start(client, run_id: str, cfg: Config, prepared: dict[str, PreparedTask], weights, ratios,
-                   config_path: str | None, run_dir: str) -> None:
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import DatasetInput, InputTag, Param, RunTag
-
-    params = flatten_params(config_to_dict(cfg))
-    params.update({f"weight.{t}": f"{w:.6g}" for t, w in weights.items()})
-    params.update({f"ratio.{t}": f"{r:.6g}" for t, r in ratios.items()})
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])
-    tags = [RunTag("mtl.run_dir", run_dir)]
-    inputs = []
-    for name, task in prepared.items():
-        tags += [RunTag(f"data.{name}.source", task.manifest["source"][:5000]),
-                 RunTag(f"data.{name}.cache_key", task.manifest["key"])]
-        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both readings are the local folder
-            warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(str(task.path))
-        dataset = MetaDataset(source, name=name, digest=task.manifest["key"])
-        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")]))
-    client.log_batch(run_id, tags=tags)
-    client.log_inputs(run_id, datasets=inputs)
-    if config_path:
-        client.log_artifact(run_id, config_path, "config")
-    client.log_text(run_id, json.dumps(redact(config_to_dict(cfg)), indent=2), "config/resolved_config.json")
-
-
-def _finish_mlflow(client, run_id: str, run_dir: str, log: Callable[[str], None]) -> None:
-    """Metrics a worker could not deliver, the final model, FINISHED. The training result is safe in
-    `run_dir` whatever happens here: if the server is away, say what did not reach it and how to send it."""
-    try:
-        sent = replay_spool(client, run_id, run_dir)
-        if sent:
-            log(f"sent {sent} metrics kept during a tracking outage")
-        final = RunDir(run_dir).model(FINAL_MODEL)
-        if storage.is_dir(final):
-            with storage.local_copy(final) as folder:
-                client.log_artifacts(run_id, str(folder), "model")
-        client.set_tag(run_id, "mtl.best_model", RunDir(run_dir).model(BEST_MODEL))
-        client.set_terminated(run_id, status="FINISHED")
-    except Exception as err:  # the server went away at the very end
-        warn(f"the run finished but MLflow could not be updated ({type(err).__name__}: {str(err).splitlines()[0][:160]}): "
-             f"its models are in {run_dir}; run `{resume_command(None, RunDir(run_dir).name)}` with the server up "
-             "to send the kept metrics and the model")
-
-
-def _end_failed(client, run_id: str | None, status: str, line: str) -> None:
-    """MLflow says how the run ended, in one line (the original error matters more if the server is away)."""
-    if client is None:
-        return
-    try:
-        client.set_tag(run_id, "mtl.failure", line[:5000])
-        client.set_terminated(run_id, status=status)
-    except Exception:  # noqa: BLE001
-        pass
-
-
 def _worker_env() -> dict | None:
     """Variables of this process the training workers need too: --verbose, and fault injection (tests)."""
-    import os
-
     from pipeline.eval.metrics import FAULT_METRIC
-    from pipeline.runtime import VERBOSE
     env = {k: os.environ[k] for k in (FAULT_METRIC, VERBOSE) if k in os.environ}
     return {"env_vars": env} if env else None
 
 
-def _fit(trainer, cfg: Config, client, run_id: str | None, run_dir: str, run_name: str, resume_with: str):
+def _fit(trainer, cfg: Config, mlrun: TrainingRun, run_dir: str, run_name: str, resume_with: str):
     """`trainer.fit()`; a run that stops early stays resumable and says so in one line (PipelineError for a
     failing evaluation metric, RunFailed for any other fault), MLflow marked FAILED or KILLED with that line."""
     try:
         result = trainer.fit()
     except KeyboardInterrupt:
-        _end_failed(client, run_id, "KILLED", f"interrupted; continue with: {resume_with}")
+        mlrun.fail("KILLED", f"interrupted; continue with: {resume_with}")
         raise
     except Exception as err:  # the run stays resumable; one line says what died and how to continue
         logged = log_failure(run_dir, err)
@@ -233,7 +157,7 @@ def _fit(trainer, cfg: Config, client, run_id: str | None, run_dir: str, run_nam
         line = (f"run {run_name} failed: {what_died(err)}; "
                 + (f"last checkpoint: step {step}" if step is not None else "no checkpoint yet (it restarts from step 0)")
                 + f"; continue with: {resume_with} (traceback: {logged})")
-        _end_failed(client, run_id, "FAILED", line)
+        mlrun.fail("FAILED", line)
         raise RunFailed(line) from err
     failed = take_failure(run_dir)
     if failed is not None:  # an evaluation metric raised: the step is checkpointed, its evaluation pending
@@ -242,7 +166,7 @@ def _fit(trainer, cfg: Config, client, run_id: str | None, run_dir: str, run_nam
         what = f"metric {metric!r} failed at the evaluation of step {failed['step']} ({failed['error']})"
         fix = (f"fix the task's metrics, then continue from the checkpoint of step {failed['step']} (its evaluation "
                f"runs first): {resume_with}")
-        _end_failed(client, run_id, "FAILED", f"{where}: {what} — {fix}")
+        mlrun.fail("FAILED", f"{where}: {what} — {fix}")
         raise PipelineError.one(where, what, fix)
     return result
 
@@ -250,11 +174,13 @@ def _fit(trainer, cfg: Config, client, run_id: str | None, run_dir: str, run_nam
 def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | None = None,
                  log: Callable[[str], None] = print, run_name: str | None = None,
                  parent_run_id: str | None = None, callbacks: list | None = None,
-                 overrides: list[str] | None = None) -> TrainResult:
+                 overrides: list[str] | None = None, progress: bool = False) -> TrainResult:
     """Train `cfg` to the end. `run_name` fixes the run's name (a Tune trial passes one derived from
     its trial id, and a restored trial with that name continues its run); `parent_run_id` nests the
     MLflow run; `callbacks` go to Ray Train's RunConfig (e.g. Tune's TuneReportCallback); `overrides`
-    (the command line's key=value) only shape the `--resume` command printed when the run fails.
+    (the command line's key=value) only shape the `--resume` command printed when the run fails;
+    `progress`: draw training on this process's console (a bar on a terminal, lines otherwise) instead of
+    leaving rank 0's lines to Ray's log forwarding.
 
     A run that stops early stays resumable: a failing evaluation metric raises PipelineError (after
     its step was checkpointed), any other fault RunFailed — each one line naming the fix and the
@@ -278,11 +204,10 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     done = (previous or {}).get("result")
     if done and done["steps"] >= cfg.train.steps:  # a finished run: only what MLflow may still lack
         uri = tracking_uri(cfg.tracking.uri)
-        client, run_id = _start_mlflow(cfg, run_name, previous, uri, parent_run_id)
+        mlrun = TrainingRun.open(cfg, run_name, previous, uri, parent_run_id)
         log(f"run {run_name} already finished at step {done['steps']}: nothing to train")
-        if client is not None:
-            _finish_mlflow(client, run_id, run_dir, log)
-        return TrainResult(run_name, run_dir, run_id, done["steps"], done["best_score"], done["dev_metrics"],
+        mlrun.finish(run_dir, log)
+        return TrainResult(run_name, run_dir, mlrun.run_id, done["steps"], done["best_score"], done["dev_metrics"],
                            time.monotonic() - start, uri, task_steps=done["task_steps"])
     prepared = prepare_tasks(cfg, log=log)
 
@@ -294,13 +219,13 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
                               for t in prepared))
 
     uri = tracking_uri(cfg.tracking.uri)
-    client, run_id = _start_mlflow(cfg, run_name, previous, uri, parent_run_id)
+    mlrun = TrainingRun.open(cfg, run_name, previous, uri, parent_run_id)
+    run_id = mlrun.run_id
     storage.make_dirs(run_dir)
     if previous is None:
         RunDir(run_dir).write_record({"run_name": run_name, "run_id": run_id, "tracking_uri": uri,
                                       "config": redact(config_to_dict(cfg))})
-        if client is not None:
-            _log_run_start(client, run_id, cfg, prepared, weights, ratios, config_path, run_dir)
+        mlrun.describe(cfg, prepared, weights, ratios, config_path, run_dir)
     log(f"run {run_name} in {run_dir}" + (f"; MLflow run {run_id} at {uri}" if run_id else "; no MLflow tracking"))
     clear_failure(run_dir)
 
@@ -313,6 +238,11 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     job = WorkerJob(config=cfg, tasks=tuple(prepared), weights=weights, ratios=ratios,
                     heads=tuple(Head(t, s.kind, s.num_labels) for t, s in specs.items()), run_id=run_id,
                     tracking_uri=uri, run_dir=run_dir, dev=dev, meta=model_metadata(cfg, run_name))
+    view = None
+    if progress:
+        from pipeline.train.progress import ProgressView
+        view = ProgressView(cfg.train.steps, bar=sys.stderr.isatty())
+        job = dataclasses.replace(job, progress=view.queue)
     trainer = TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"job": job},
@@ -323,10 +253,15 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
             name=run_name, storage_path=storage.resolve(cfg.train.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            worker_runtime_env=_worker_env(), callbacks=list(callbacks or [])),
+            worker_runtime_env=_worker_env(), callbacks=list(callbacks or []),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if os.environ.get(VERBOSE) == "1" else "WARNING")),
         datasets=datasets,
     )
-    result = _fit(trainer, cfg, client, run_id, run_dir, run_name, resume_command(config_path, run_name, overrides))
+    try:
+        result = _fit(trainer, cfg, mlrun, run_dir, run_name, resume_command(config_path, run_name, overrides))
+    finally:
+        if view is not None:
+            view.close()
     metrics = result.metrics or {}
     dev_metrics: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
@@ -338,7 +273,6 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     record = RunDir(run_dir).read_record()
     record["result"] = {"steps": steps, "best_score": best, "dev_metrics": dev_metrics, "task_steps": task_steps}
     RunDir(run_dir).write_record(record)
-    if client is not None:
-        _finish_mlflow(client, run_id, run_dir, log)
+    mlrun.finish(run_dir, log)
     return TrainResult(run_name, run_dir, run_id, steps, best, dev_metrics, time.monotonic() - start, uri,
                        task_steps=task_steps)

@@ -35,16 +35,11 @@ from pipeline.train.memory import model_state_bytes, peak_rss_bytes
 from pipeline.runtime import quiet_libraries
 from pipeline.train.mixing import TaskSampler
 from pipeline.train.rundir import BEST_MODEL, CHECKPOINT_META, DS_TAG, FINAL_MODEL
-from pipeline.train.tracking import RunLogger
+from pipeline.tracking import RunLogger
 from pipeline.train.weighting import make_weighting
+from pipeline.train.progress import send
 from pipeline.train.window import Profiler, Window
 
-
-
-def say(line: str) -> None:
-    """Progress line from rank 0. Written directly: Ray Train's patched print() would emit it twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def shout(line: str) -> None:
@@ -214,6 +209,7 @@ class WorkerJob:
     run_dir: str
     dev: dict[str, Any]  # task -> object ref of its dev rows (every rank evaluates a share)
     meta: dict[str, Any]  # what every model folder records (pipeline.train.driver.model_metadata)
+    progress: Any = None  # the driver's progress queue (pipeline/train/progress.py); None: rank 0 prints
 
 
 @dataclass
@@ -249,7 +245,7 @@ def build_engine(cfg: Config, job: WorkerJob, world: int):
     return model, engine, optimizer, weighting, shared
 
 
-def restore(engine, sampler: TaskSampler, weighting, rank: int, run_id: str | None) -> TrainState:
+def restore(engine, sampler: TaskSampler, weighting, rank: int, run_id: str | None, progress=None) -> TrainState:
     """The loop's state from the latest checkpoint that passes verification (pipeline/train/checkpoints.py;
     a corrupt latest one falls back to the previous), or a fresh state."""
     import ray.train
@@ -272,7 +268,7 @@ def restore(engine, sampler: TaskSampler, weighting, rank: int, run_id: str | No
     state.run_id = client["run_id"] or run_id  # keep logging into the same MLflow run
     torch.set_rng_state(client["torch_rng"])
     if rank == 0:
-        say(f"resumed at step {state.step} (sampler draw {sampler.draws}, best score {state.best_score:.2f})")
+        send(progress, "line", f"resumed at step {state.step} (sampler draw {sampler.draws}, best score {state.best_score:.2f})")
     return state
 
 
@@ -317,8 +313,8 @@ class DevEvaluation:
         per_task = {t: task_metrics(self.specs[t], p, r) for t, (p, r) in self.last.items()}
         score = multitask_score(per_task, self.specs)
         if self.rank == 0:
-            say(f"eval step {state.step}: score {score:.2f} " + " ".join(
-                f"{t}:{m}={v:.4f}" for t, ms in per_task.items() for m, v in ms.items()))
+            send(self.job.progress, "line", f"eval step {state.step}: score {score:.2f} · " + " · ".join(
+                f"{t} " + " ".join(f"{m} {v:.4f}" for m, v in ms.items()) for t, ms in per_task.items()))
         if score > state.best_score:
             state.best_score = score
             publish_model(self.engine, self.model, self.tokenizer, self.job.run_dir, BEST_MODEL, self.rank,
@@ -344,6 +340,7 @@ def save_checkpoint(engine, state: TrainState, sampler: TaskSampler, weighting, 
                        "sampler": sampler.state_dict()}, fh)
     write_manifest(folder, rank)  # last: what this rank wrote, checked before any resume loads it
     report = {"step": state.step, "best_score": state.best_score, **{f"steps/{t}": c for t, c in sampler.counts.items()},
+              **{f"weight/{t}": w for t, w in weighting.weights().items()},  # Tune's TensorBoard files show them too
               **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
     if tracker is not None:
         tracker.flush_or_spool()
@@ -374,7 +371,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # per group: head multipliers stay applied
     schedule = lr_lambda(train.schedule, train.warmup_steps, train.steps)
     sampler = TaskSampler(job.ratios, cfg.seed)
-    state = restore(engine, sampler, weighting, rank, job.run_id)
+    state = restore(engine, sampler, weighting, rank, job.run_id, job.progress)
     tracker = RunLogger(job.tracking_uri, state.run_id, job.run_dir) if rank == 0 else None
     if tracker is not None and state.warnings:  # a checkpoint fallback stays visible on the run, not only in a log
         tracker.set_tag("mtl.resume_warning", " | ".join(state.warnings)[:5000])
@@ -433,9 +430,9 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
             metrics = window.metrics(weighting, sampler, optimizer.param_groups[0]["lr"])
             window = Window(list(job.tasks), profiler)
             if rank == 0:
-                say(f"step {state.step}/{train.steps} " + " ".join(
-                    f"{k}={v:.4g}" for k, v in metrics.items()
-                    if not k.startswith(("steps/", "weight/") if weighting.method == "static" else ("steps/",))))
+                shown = {k: v for k, v in metrics.items()
+                         if not k.startswith(("steps/", "weight/") if weighting.method == "static" else ("steps/",))}
+                send(job.progress, "step", {"step": state.step, "total": train.steps, "metrics": shown})
         with window.pause():
             if state.step % train.eval_every == 0 or last:
                 try:

@@ -1,4 +1,4 @@
-"""Task loss weights, sampling ratios and the seeded per-step task sampler (DESIGN.md).
+"""Task loss weights, sampling ratios and the seeded per-step task sampler.
 
 Weights are normalised to sum to the number of tasks T (equal weighting = 1.0 each); ratios to sum
 to 1. Every rank builds the same sampler from the same seed, so every rank trains the same task at

@@ -7,8 +7,8 @@ weights that move during training. Pure torch/numpy; the training loop does ever
     weighting.observe_loss(task, loss_averaged_over_ranks, step)
     weighting.weights()                                   # {task: w_t}, sums to T: logged as weight/<task>
 
-Every method starts from the static weights w0 (normalised to sum to the number of tasks T,
-DESIGN.md), keeps them as a prior, and reports weights that sum to T. Each optimizer step trains one
+Every method starts from the static weights w0 (normalised to sum to the number of tasks T, as
+in mixing.py), keeps them as a prior, and reports weights that sum to T. Each optimizer step trains one
 task t, so each method updates from that task's numbers only. Inputs are identical on every rank
 (rank-averaged losses, reduced gradients), so every rank computes the same weights; `state_dict()`
 goes into checkpoints, so a resumed run continues exactly.
@@ -27,7 +27,7 @@ dwa          Dynamic Weight Average, Liu et al. 2019: w_t = T · w0_t·exp(r_t/�
              `window` consecutive steps *of that task* (a step trains one task, so windows are counted
              per task, not in global steps). r_t = 1 until task t has two complete windows. τ = option
              `temperature`. Tasks whose loss falls more slowly get more weight.
-gradcos      The paper's gradient-cosine adjustment (DESIGN.md): per task an EMA of its gradient on the
+gradcos      The paper's gradient-cosine adjustment: per task an EMA of its gradient on the
              shared parameter group, flattened, ḡ_t ← β·ḡ_t + (1-β)·g_t (the first one taken as is;
              g_t is the gradient of L_t itself — the step's multiplier is divided out). With
              S = Σ_s ḡ_s:  w_t = T · w0_t·max(eps, 1 + cos(ḡ_t, S)) / Σ_s w0_s·max(eps, 1 + cos(ḡ_s, S)).
