@@ -35,13 +35,12 @@ def run_experiment(spec, base, *, resume: bool = False, log=print):
     # store in the working dir, relative data or run folders) is pinned here, so trials log into
     # the parent's store and read the same cache.
     base = absolute_paths(base, uri, storage)
-    parent = None
     if resume:
         if not tune.Tuner.can_restore(exp_dir):
             raise PipelineError.one("--resume", f"no Tune experiment {spec.name!r} under {storage}",
                                     "start it without --resume, or set name / train.storage_path to where it lives")
-        parent = TuneParent.reopen(uri, base.tracking.required,
-                                   json.loads(store.read_text(store.join(exp_dir, PARENT_FILE))).get("parent_run_id"))
+        parent_run_id = json.loads(store.read_text(store.join(exp_dir, PARENT_FILE))).get("parent_run_id")
+        parent = TuneParent.reopen(uri, base.tracking.required, parent_run_id)
     else:
         if store.is_dir(exp_dir):
             raise PipelineError.one("name", f"a Tune experiment {spec.name!r} already exists in {exp_dir}",
@@ -49,7 +48,7 @@ def run_experiment(spec, base, *, resume: bool = False, log=print):
         params = flatten_params({k: v for k, v in spec.model_dump(mode="json").items() if k != "overrides"})
         params["train_overrides"] = " ".join(spec.overrides)[:6000]
         parent = TuneParent.start(uri, base.tracking.required, spec.name, params, config_to_dict(base))
-    parent_run_id = parent.run_id if parent else None
+        parent_run_id = parent.run_id if parent else None
 
     resources = ray.cluster_resources()
     concurrent = max_concurrent(spec, base, resources)
