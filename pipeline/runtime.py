@@ -40,6 +40,11 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=category)
     for name in ("ray.train", "ray.tune", "mlflow", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    try:  # Ray Train's "Reporting training result ..." logger is named by its file path, outside "ray.train"
+        from ray.train.v2._internal.execution import context as train_context
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: the line just shows
+        pass
     # Ray Data sets up its logger when imported (its file handler keeps every level): raise only its console's.
     import ray.data  # noqa: F401
     for handler in logging.getLogger("ray.data").handlers:
