@@ -194,7 +194,7 @@ def run_comparison(cfg: Config, config_path: str, out: Path, command: str, *, tu
     if tracking is not None:
         for row in rows:
             for run_id in row.run_ids:
-                tracking.loss_plot(run_id, row.model)
+                tracking.log_figure(run_id, loss_figure(tracking.loss_curves(run_id), row.model), "training_loss.png")
         run_id = tracking.comparison(cfg.name, [out / "comparison.md", out / "comparison.json"])
         say(f"MLflow comparison run: {run_id} ({tracking.uri})")
     return out / "comparison.md"

@@ -19,14 +19,11 @@ def run_experiment(spec, base, *, resume: bool = False, log=print):
     the training config with absolute paths that every trial started from)."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipeline.config import config_to_dict
     from pipeline import storage as store
     from pipeline.tracking import TuneParent, flatten_params, tracking_uri
-    from pipeline.tuning import (METRIC, MODE, TIME_ATTR, TRIAL_DRIVER_CPU, baseline_point, max_concurrent, param_space,
-                                 trial_run_name, tune_trial)
+    from pipeline.tuning import TRIAL_DRIVER_CPU, max_concurrent, param_space, tune_trial
 
     storage = store.resolve(base.train.storage_path)
     exp_dir = store.join(storage, spec.name)
@@ -69,32 +66,7 @@ def run_experiment(spec, base, *, resume: bool = False, log=print):
     if resume:
         tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        first = [baseline_point(spec, base)] if spec.baseline and spec.search != "grid" else None
-        if first:
-            log("trial 1 is the training config's own values: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
-                                                                            else f"{k}={v}" for k, v in first[0].items()))
-        if spec.search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-            search_alg = OptunaSearch(seed=spec.seed, points_to_evaluate=first)
-        else:
-            # (Tune ignores max_concurrent_trials for a generator passed in: it takes its own limit.)
-            search_alg = BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrent,
-                                               points_to_evaluate=first)
-        if spec.scheduler == "asha":
-            # max_t one past the last step: at max_t ASHA stops the trial itself, which could cut off
-            # the end of a finished run (final model, MLflow status); this way it ends by returning.
-            scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.train.steps + 1, grace_period=spec.asha.grace_period,
-                                      reduction_factor=spec.asha.reduction_factor)
-        else:
-            scheduler = FIFOScheduler()
-        name = spec.name
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=spec.num_samples, search_alg=search_alg,
-                                        scheduler=scheduler, max_concurrent_trials=concurrent,
-                                        trial_name_creator=lambda t: trial_run_name(name, t.trial_id),
-                                        trial_dirname_creator=lambda t: trial_run_name(name, t.trial_id)),
-            run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=1))
+        tuner = _new_tuner(trainable, space, spec, base, storage, concurrent, log)
         store.write_text(store.join(exp_dir, PARENT_FILE), json.dumps({"parent_run_id": parent_run_id, "tracking_uri": uri}))
     try:
         grid = tuner.fit()
@@ -103,6 +75,44 @@ def run_experiment(spec, base, *, resume: bool = False, log=print):
             parent.failed()
         raise
     return grid, parent_run_id, uri, base
+
+
+def _new_tuner(trainable, space: dict, spec, base, storage: str, concurrent: int, log):
+    """A fresh Tuner: the search (random/grid or Optuna, trial 1 the config's own values unless grid), ASHA or
+    FIFO, trial names from their ids."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from pipeline.tuning import METRIC, MODE, TIME_ATTR, baseline_point, trial_run_name
+
+    first = [baseline_point(spec, base)] if spec.baseline and spec.search != "grid" else None
+    if first:
+        log("trial 1 is the training config's own values: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
+                                                                        else f"{k}={v}" for k, v in first[0].items()))
+    if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        search_alg = OptunaSearch(seed=spec.seed, points_to_evaluate=first)
+    else:
+        # (Tune ignores max_concurrent_trials for a generator passed in: it takes its own limit.)
+        search_alg = BasicVariantGenerator(random_state=spec.seed, max_concurrent=concurrent,
+                                           points_to_evaluate=first)
+    if spec.scheduler == "asha":
+        # max_t one past the last step: at max_t ASHA stops the trial itself, which could cut off
+        # the end of a finished run (final model, MLflow status); this way it ends by returning.
+        scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.train.steps + 1, grace_period=spec.asha.grace_period,
+                                  reduction_factor=spec.asha.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    name = spec.name
+    tuner = tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, num_samples=spec.num_samples, search_alg=search_alg,
+                                    scheduler=scheduler, max_concurrent_trials=concurrent,
+                                    trial_name_creator=lambda t: trial_run_name(name, t.trial_id),
+                                    trial_dirname_creator=lambda t: trial_run_name(name, t.trial_id)),
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage, verbose=1))
+    return tuner
 
 
 def absolute_paths(base, uri: str, storage: str):

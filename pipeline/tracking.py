@@ -305,11 +305,13 @@ class ComparisonTracking:
         return _standalone_run(self.client, self.experiment, f"bilstm-{task}",
                                {"mtl.kind": "baseline-bilstm", "mtl.task": task}, logged, params)
 
-    def loss_plot(self, run_id: str, title: str) -> None:
-        from pipeline.compare import loss_figure
-        curves = {k.removeprefix("loss/"): metric_history(self.uri, run_id, k)
-                  for k in sorted(run_metrics(self.uri, run_id)) if k.startswith("loss/") and k != "loss/total"}
-        self.client.log_figure(run_id, loss_figure(curves, title), "training_loss.png")
+    def loss_curves(self, run_id: str) -> dict[str, list[tuple[int, float]]]:
+        """Each task's training loss, (step, value) by step, as the run logged it."""
+        return {k.removeprefix("loss/"): metric_history(self.uri, run_id, k)
+                for k in sorted(run_metrics(self.uri, run_id)) if k.startswith("loss/") and k != "loss/total"}
+
+    def log_figure(self, run_id: str, figure, name: str) -> None:
+        self.client.log_figure(run_id, figure, name)
 
     def comparison(self, name: str, files: list[Path]) -> str:
         return _standalone_run(self.client, self.experiment, f"compare-{name}", {"mtl.kind": "comparison"}, [],

@@ -77,8 +77,10 @@ def test_bilstm_row_on_real_data_is_tracked_with_a_loss_plot(cfg, tmp_path, ray_
     history = metric_history(uri, run_id, "loss/bbc_news")
     assert [s for s, _ in history] == [10, 20, 30]
 
-    tracking.loss_plot(run_id, "Bi-LSTM bbc_news")
+    curves = tracking.loss_curves(run_id)
+    assert curves == {"bbc_news": history}
+    fig = loss_figure(curves, "Bi-LSTM bbc_news")
+    tracking.log_figure(run_id, fig, "training_loss.png")
     assert "training_loss.png" in {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
-    fig = loss_figure({"bbc_news": history}, "Bi-LSTM bbc_news")
     (line,) = fig.axes[0].get_lines()
     assert line.get_label() == "bbc_news" and list(line.get_ydata()) == [v for _, v in history]

@@ -143,6 +143,41 @@ def _worker_env() -> dict | None:
     return {"env_vars": env} if env else None
 
 
+def _worker_job(cfg: Config, prepared: dict[str, PreparedTask], weights: dict[str, float], ratios: dict[str, float],
+                run_id: str | None, uri: str, run_dir: str, run_name: str):
+    """What every worker gets (pipeline.train.loop.WorkerJob), the dev rows in Ray's object store."""
+    import ray
+
+    from pipeline.model.multitask import Head
+    from pipeline.train.loop import WorkerJob
+    dev = {t: ray.put(dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.seed)) for t, p in prepared.items()}
+    return WorkerJob(config=cfg, tasks=tuple(prepared), weights=weights, ratios=ratios,
+                     heads=tuple(Head(t, s.kind, s.num_labels) for t, s in cfg.task_specs().items()), run_id=run_id,
+                     tracking_uri=uri, run_dir=run_dir, dev=dev, meta=model_metadata(cfg, run_name))
+
+
+def _trainer(cfg: Config, job, run_name: str, datasets: dict, callbacks: list | None):
+    """The Ray Train TorchTrainer of one run: the workers, their checkpoints, restarts and log level."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.train.loop import train_fn_per_worker
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage.resolve(cfg.train.storage_path),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            worker_runtime_env=_worker_env(), callbacks=list(callbacks or []),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if os.environ.get(VERBOSE) == "1" else "WARNING")),
+        datasets=datasets,
+    )
+
+
 def _fit(trainer, cfg: Config, mlrun: TrainingRun, run_dir: str, run_name: str, resume_with: str):
     """`trainer.fit()`; a run that stops early stays resumable and says so in one line (PipelineError for a
     failing evaluation metric, RunFailed for any other fault), MLflow marked FAILED or KILLED with that line."""
@@ -171,6 +206,17 @@ def _fit(trainer, cfg: Config, mlrun: TrainingRun, run_dir: str, run_name: str, 
     return result
 
 
+def _reported(metrics: dict) -> tuple[int, float, dict[str, dict[str, float]], dict[str, int]]:
+    """(steps, best score, dev metrics by task, steps drawn per task) from the last report of rank 0."""
+    dev_metrics: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("dev/") and key.count("/") == 2:
+            _, task, metric = key.split("/")
+            dev_metrics.setdefault(task, {})[metric] = value
+    task_steps = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("steps/")}
+    return int(metrics.get("step", 0)), float(metrics.get("best_score", float("nan"))), dev_metrics, task_steps
+
+
 def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | None = None,
                  log: Callable[[str], None] = print, run_name: str | None = None,
                  parent_run_id: str | None = None, callbacks: list | None = None,
@@ -185,15 +231,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     A run that stops early stays resumable: a failing evaluation metric raises PipelineError (after
     its step was checkpointed), any other fault RunFailed — each one line naming the fix and the
     `--resume` command, the traceback in `<run dir>/failure.log`."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.model.multitask import Head
-    from pipeline.train.loop import WorkerJob, train_fn_per_worker
-
     start = time.monotonic()
-    specs = cfg.task_specs()
     check_resources(cfg, log)
     run_name, run_dir, previous = _run_dir(cfg, resume, run_name)
     if previous is not None and previous.get("config", {}).get("name") not in (None, cfg.name):
@@ -234,42 +272,19 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
 
     datasets = {t: p.materialized("train", **train_split_args(cfg, t, p), workers=cfg.train.num_workers,
                                   pass_bytes=PASS_BYTES) for t, p in prepared.items()}
-    dev = {t: ray.put(dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.seed)) for t, p in prepared.items()}
-    job = WorkerJob(config=cfg, tasks=tuple(prepared), weights=weights, ratios=ratios,
-                    heads=tuple(Head(t, s.kind, s.num_labels) for t, s in specs.items()), run_id=run_id,
-                    tracking_uri=uri, run_dir=run_dir, dev=dev, meta=model_metadata(cfg, run_name))
+    job = _worker_job(cfg, prepared, weights, ratios, run_id, uri, run_dir, run_name)
     view = None
     if progress:
         from pipeline.train.progress import ProgressView
         view = ProgressView(cfg.train.steps, bar=sys.stderr.isatty())
         job = dataclasses.replace(job, progress=view.queue)
-    trainer = TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config={"job": job},
-        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=run_name, storage_path=storage.resolve(cfg.train.storage_path),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            worker_runtime_env=_worker_env(), callbacks=list(callbacks or []),
-            logging_config=ray.train.LoggingConfig(log_level="INFO" if os.environ.get(VERBOSE) == "1" else "WARNING")),
-        datasets=datasets,
-    )
+    trainer = _trainer(cfg, job, run_name, datasets, callbacks)
     try:
         result = _fit(trainer, cfg, mlrun, run_dir, run_name, resume_command(config_path, run_name, overrides))
     finally:
         if view is not None:
             view.close()
-    metrics = result.metrics or {}
-    dev_metrics: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        if key.startswith("dev/") and key.count("/") == 2:
-            _, task, metric = key.split("/")
-            dev_metrics.setdefault(task, {})[metric] = value
-    task_steps = {k.split("/", 1)[1]: int(v) for k, v in metrics.items() if k.startswith("steps/")}
-    steps, best = int(metrics.get("step", 0)), float(metrics.get("best_score", float("nan")))
+    steps, best, dev_metrics, task_steps = _reported(result.metrics or {})
     record = RunDir(run_dir).read_record()
     record["result"] = {"steps": steps, "best_score": best, "dev_metrics": dev_metrics, "task_steps": task_steps}
     RunDir(run_dir).write_record(record)
