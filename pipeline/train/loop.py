@@ -353,7 +353,6 @@ def save_checkpoint(engine, state: TrainState, sampler: TaskSampler, weighting, 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
     """Set up (engine, data, state), then a loop of step -> log -> evaluate -> checkpoint, then the final model."""
     import ray.train
-    import torch.distributed as dist
 
     from pipeline.eval.metrics import MetricFailed
     from pipeline.train.artifacts import publish_model
@@ -446,13 +445,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     if failure is not None:
         return failed(failure)
 
-    # What each rank held (model states, measured once) and its peak RSS, logged by rank 0.
-    held = [None] * world
-    dist.all_gather_object(held, {**memory, "peak_rss": float(peak_rss_bytes())})
-    if tracker is not None:
-        psi = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-        tracker.log_metrics({"memory/psi": float(psi), **{f"memory/rank{r}/{k}": v for r, m in enumerate(held)
-                                                          for k, v in m.items()}}, state.step)
+    log_memory(model, memory, world, tracker, state.step)
     # The engine's own predictions on the dev rows at the last step travel with the model, so a reloaded copy
     # can be checked against them.
     publish_model(engine, model, tokenizer, job.run_dir, FINAL_MODEL, rank, {"step": state.step, "run_id": state.run_id,
@@ -461,6 +454,17 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
                                                   for t, (p, r) in evaluation.last.items()}})
     if tracker is not None:
         tracker.flush_or_spool()
+
+
+def log_memory(model, memory: dict[str, float], world: int, tracker, step: int) -> None:
+    """What each rank held (model states, measured once) and its peak RSS, gathered and logged by rank 0."""
+    import torch.distributed as dist
+    held = [None] * world
+    dist.all_gather_object(held, {**memory, "peak_rss": float(peak_rss_bytes())})
+    if tracker is not None:
+        psi = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        tracker.log_metrics({"memory/psi": float(psi), **{f"memory/rank{r}/{k}": v for r, m in enumerate(held)
+                                                          for k, v in m.items()}}, step)
 
 
 def mean_over_ranks(values: list[float], world: int) -> float:
