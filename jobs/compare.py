@@ -5,9 +5,16 @@ against single-task models on the same backbone and the Bi-LSTM + attention base
 tasks and dev rows. Writes `comparison.md` / `comparison.json`, logs them to an MLflow run, and logs a
 training-loss plot (PNG) to every model's MLflow run.
 
-    python jobs/compare.py --budget small data.glue_dir=path/to/glue                  # ~45 min on 2 CPU cores
+    python jobs/compare.py --budget small data.glue_dir=path/to/glue          # 3 seeds
     python jobs/compare.py --config jobs/configs/glue.yaml data.glue_dir=path/to/glue train.steps=3000
     python jobs/compare.py --budget small --tuned best_config.yaml data.glue_dir=path/to/glue
+    python jobs/compare.py --budget small --variant annealed=sampling.strategy=annealed \
+        --variant famo=train.weighting=famo data.glue_dir=path/to/glue          # more multi-task rows
+
+Every row is trained with `--seeds` seeds (the seed changes head initialisation, data order and the
+sampler's draws; the pretrained weights and the dev rows stay the same). Each cell is the mean ± 95%
+confidence interval over seeds; a table of paired differences (by seed) says which claims hold.
+Finished models are recorded in `<out>/comparison.units.jsonl`: rerun the same command to continue.
 
 Budget semantics (the paper's same-data comparison): each single-task model gets exactly as many
 optimizer steps on its task (same batch size) as the multi-task run's sampler drew for that task;
@@ -17,6 +24,7 @@ With the CPU backbone (minilm-l6) the single-task rows are also the paper's BERT
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -27,6 +35,21 @@ from pipeline.errors import exits_on_bad_input  # noqa: E402
 from pipeline.runtime import job_parser, output_dir  # noqa: E402
 
 BUDGETS = {"small": "jobs/configs/compare_small.yaml"}
+SEEDS = {"small": 3}  # a budget's default --seeds
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of seeds, 1 or more")
+    return int(text)
+
+
+def variant(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition("=")
+    if not sep or not name or "=" not in overrides:
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=key=value[,key=value...], "
+                                         "e.g. annealed=sampling.strategy=annealed")
+    return name, overrides.split(",")
 
 
 def parser():
@@ -35,6 +58,9 @@ def parser():
     p.add_argument("--tuned", help="best-config YAML from a search: adds a 'multi-task (tuned)' row")
     p.add_argument("--out", default="compare_results", help="output folder (default: %(default)s)")
     p.add_argument("--skip-single-task", action="store_true", help="only the multi-task and Bi-LSTM rows")
+    p.add_argument("--seeds", type=positive, help="seeds per row (default: 3 with --budget small, else 1)")
+    p.add_argument("--variant", type=variant, action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                   help="another multi-task row: the config with these overrides (repeatable)")
     return p
 
 
@@ -50,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(config_path, args.overrides)
     init_ray(verbose=args.verbose)
     command = "python jobs/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = run_comparison(cfg, config_path, output_dir(args.out), command, tuned=args.tuned,
+    seeds = args.seeds or SEEDS.get(args.budget, 1)
+    report = run_comparison(cfg, config_path, output_dir(args.out), command, seeds=seeds,
+                            variants=dict(args.variant), tuned=args.tuned,
                             skip_single_task=args.skip_single_task, say=lambda line: print(line, flush=True))
     print(f"done in {(time.monotonic() - start) / 60:.1f} min -> {report}")
     return 0

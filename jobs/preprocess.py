@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = job_parser(__doc__).parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     init_ray(verbose=args.verbose)
-    prepared = prepare_tasks(cfg)
+    prepared = prepare_tasks(cfg, bar=sys.stderr.isatty())
     print(f"\n{'task':<18}{'train':>9}{'valid':>9}{'test':>9}{'dropped':>9}  cache")
     for name, task in prepared.items():
         counts = task.manifest["counts"]

@@ -17,7 +17,10 @@ with its normalised weights, ratios and metrics. At the end, written to --out an
 parent run: trials.md / trials.json (every trial's weights, ratios, score, status), best_config.yaml
 (a training config `jobs/train.py --config` accepts as-is), weights_vs_score.png. With `register_as`
 the best trial's best model becomes a new registered version with alias `challenger`; promoting it
-to `champion` stays a human step (`jobs/register.py --promote`). Trials and their checkpoints live
+to `champion` stays a human step (`jobs/register.py --promote`). With a `confirm:` stage (top_k, seeds,
+overrides) the top trials and the training config's own values are retrained over seeds first; the
+winner must beat the own values beyond noise (paired by seed) to become best_config.yaml and be
+registered (confirm.md has the table). Trials and their checkpoints live
 in train.storage_path: the experiment in `<name>/`, each trial's run in `<name>-<trial id>/`.
 Exit status 2 means bad input.
 """
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if baseline is not None:
         print(f"the training config's own values (trial {baseline['trial']}, {baseline['status']}, {baseline['steps']} steps): "
               f"dev score {baseline['best_score']:.2f}")
+    if summary["confirm"]:
+        print("\n" + summary["confirm"]["markdown"])
     if parent_run_id:
         print(f"MLflow parent run: {parent_run_id} ({uri})")
     print(f"took {time.monotonic() - start:.0f}s")

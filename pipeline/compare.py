@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from pipeline.config import Config, load_config, config_to_dict
+from pipeline.config import Config, apply_overrides, config_to_dict, load_config
+from pipeline.errors import PipelineError
+from pipeline.eval.stats import Interval, interval, paired
 from pipeline.tasks.spec import TaskSpec
 from pipeline.tracking import ComparisonTracking, tracking_uri
 
@@ -28,11 +31,23 @@ GPT_NOTE = ("GPT-3 / GPT-4 rows of the paper are not reproduced: they need hoste
 @dataclass
 class Row:
     model: str
-    metrics: dict[str, dict[str, float]]        # task -> metric -> value
-    steps: int
-    wall_seconds: float
+    metrics: dict[str, dict[str, float]]        # task -> metric -> value (the mean over seeds)
+    steps: int                                  # train steps of one seed
+    wall_seconds: float                         # over all seeds
     run_ids: list[str] = field(default_factory=list)
     note: str = ""
+    per_seed: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)  # seed -> task -> metric -> value
+
+    def values(self, task: str, metric: str) -> list[float]:
+        """The metric over seeds (seed order); the mean alone when the row has no per-seed record."""
+        if not self.per_seed:
+            return [self.metrics[task][metric]] if metric in self.metrics.get(task, {}) else []
+        return [m[task][metric] for _, m in sorted(self.per_seed.items()) if metric in m.get(task, {})]
+
+    def scores(self, specs: dict[str, TaskSpec], kinds=("classification", "regression")) -> list[float]:
+        """The row's average (`score`) per seed."""
+        seeds = [m for _, m in sorted(self.per_seed.items())] or [self.metrics]
+        return [v for v in (score(m, specs, kinds) for m in seeds) if v == v]
 
 
 def single_task_config(cfg: Config, task: str, steps: int) -> Config:
@@ -122,10 +137,10 @@ def table_markdown(rows: list[Row], specs: dict[str, TaskSpec], notes: list[str]
         for task, spec in specs.items():
             keys = ROUGE_COLUMNS if spec.kind == "summarization" else (spec.primary_metric,)
             for k in keys:
-                value = r.metrics.get(task, {}).get(k)
-                cells.append("n/a" if value is None else f"{100 * value:.1f}")
-        glue, everything = score(r.metrics, specs), score(r.metrics, specs, ("classification", "regression", "summarization"))
-        cells += ["n/a" if glue != glue else f"{glue:.1f}", "n/a" if everything != everything else f"{everything:.1f}",
+                values = r.values(task, k)
+                cells.append(interval(values).text(100) if values else "n/a")
+        glue, everything = r.scores(specs), r.scores(specs, ("classification", "regression", "summarization"))
+        cells += [interval(glue).text() if glue else "n/a", interval(everything).text() if everything else "n/a",
                   str(r.steps), f"{r.wall_seconds / 60:.1f} min",
                   ", ".join(i[:8] for i in r.run_ids) or "—"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -149,55 +164,268 @@ def loss_figure(curves: dict[str, list[tuple[int, float]]], title: str):
     return fig
 
 
-def run_comparison(cfg: Config, config_path: str, out: Path, command: str, *, tuned: str | None = None,
+MTL = "multi-task (equal weights)"
+SINGLE = "single-task"
+BILSTM = "Bi-LSTM + attention"
+UNITS = "comparison.units.jsonl"
+
+
+def variant_config(cfg: Config, name: str, overrides: list[str]) -> Config:
+    """The multi-task config with a variant's overrides (`--variant annealed=sampling.strategy=annealed`);
+    the same tasks, rows and budget."""
+    raw = config_to_dict(cfg)
+    apply_overrides(raw, overrides)
+    raw["name"] = f"{cfg.name}-{slug(name)}"
+    try:
+        return Config.model_validate(raw)
+    except Exception as err:  # noqa: BLE001 - the message names the variant and what did not validate
+        raise PipelineError.one(f"--variant {name}", f"its overrides {overrides} do not make a valid config ({err})",
+                                "fix the override (see docs/configuration.md)") from None
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+class Units:
+    """What the comparison has finished: one JSON line per trained model (row, seed, task), appended the
+    moment it ends. A rerun into the same folder skips them, and its training runs have fixed names, so an
+    interrupted training run continues from its last checkpoint."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / UNITS
+        self.done: dict[tuple[str, int, str], dict] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    u = json.loads(line)
+                    self.done[(u["row"], u["seed"], u["task"])] = u
+        state = folder / "comparison.state.json"
+        if not state.exists():
+            import uuid
+            state.write_text(json.dumps({"id": uuid.uuid4().hex[:6]}))
+        self.id = json.loads(state.read_text())["id"]
+
+    def get(self, row: str, seed: int, task: str = "*") -> dict | None:
+        return self.done.get((row, seed, task))
+
+    def add(self, row: str, seed: int, task: str, unit: Row, **extra) -> dict:
+        record = {"row": row, "seed": seed, "task": task, "metrics": unit.metrics, "steps": unit.steps,
+                  "wall_seconds": unit.wall_seconds, "run_ids": unit.run_ids, **extra}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        self.done[(row, seed, task)] = record
+        return record
+
+    def row(self, name: str, seeds: list[int]) -> Row | None:
+        """The row's per-seed results merged over its per-task units; None when it has none."""
+        units = [u for (r, s, _), u in self.done.items() if r == name and s in seeds]
+        if not units:
+            return None
+        per_seed: dict[int, dict[str, dict[str, float]]] = {}
+        for u in units:
+            per_seed.setdefault(u["seed"], {}).update(u["metrics"])
+        every = set.union(*(set(m) for m in per_seed.values()))
+        complete = {s: m for s, m in per_seed.items() if set(m) == every}  # a seed still running is left out
+        if not complete:
+            return None
+        tasks = {t for m in complete.values() for t in m}
+        means = {t: {k: sum(m[t][k] for m in complete.values()) / len(complete) for k in next(iter(complete.values()))[t]}
+                 for t in tasks}
+        steps = sum(u["steps"] for u in units if u["seed"] == min(complete))
+        return Row(name, means, steps, sum(u["wall_seconds"] for u in units), [i for u in units for i in u["run_ids"]],
+                   per_seed=complete)
+
+
+def run_comparison(cfg: Config, config_path: str, out: Path, command: str, *, seeds: int = 1,
+                   variants: dict[str, list[str]] | None = None, tuned: str | None = None,
                    skip_single_task: bool = False, say: Callable[[str], None] = print) -> Path:
-    """Train and score every row on the same tasks and dev rows; write comparison.md / .json to `out`, log a
-    loss plot to every model's run and the table to a comparison run. The multi-task run trains first: its
-    sampler's per-task step counts are the single-task and Bi-LSTM budgets. Returns the Markdown report's path."""
+    """Train and score every row with `seeds` seeds (cfg.seed, cfg.seed + 1, ...) on the same tasks and dev
+    rows; write comparison.md / .json / .png to `out`, log a loss plot to every model's run and the table to a
+    comparison run. Per seed the multi-task run trains first: its sampler's per-task step counts are that
+    seed's single-task and Bi-LSTM budgets. Finished models are recorded in `out/comparison.units.jsonl`;
+    rerunning the same command continues where it stopped. Returns the Markdown report's path."""
     from pipeline.data.preprocess import prepare_tasks
     from pipeline.train.driver import dev_rows, train_driver
 
     specs = cfg.task_specs()
-    prepared = prepare_tasks(cfg)  # fail on data problems before any training starts
-    out.mkdir(parents=True, exist_ok=True)
-
-    def trained(name: str, c: Config) -> tuple[Row, Any]:
-        say(f"\n=== {name}: {', '.join(c.tasks)} for {c.train.steps} steps ===")
-        r = train_driver(c, config_path=config_path, progress=True)
-        return Row(name, r.dev_metrics, r.steps, r.wall_seconds, [r.run_id] if r.run_id else []), r
-
-    mtl_row, mtl = trained("multi-task (equal weights)", cfg)
-    rows, steps = [mtl_row], mtl.task_steps
-    say(f"steps the multi-task sampler drew per task: {steps}")
+    mtl_configs = {MTL: cfg, **{f"multi-task ({n})": variant_config(cfg, n, o) for n, o in (variants or {}).items()}}
     if tuned:
-        rows.append(trained("multi-task (tuned)", tuned_config(cfg, tuned))[0])
-    if not skip_single_task:
-        singles = [trained(f"single-task {t}", single_task_config(cfg, t, steps[t]))[0] for t in cfg.tasks if steps.get(t)]
-        rows.append(merge_rows(f"single-task ({cfg.model.name}, one model per task)", singles))
-
+        mtl_configs["multi-task (tuned)"] = tuned_config(cfg, tuned)
+    prepared = prepare_tasks(cfg, bar=sys.stderr.isatty())  # fail on data problems before any training starts
+    out.mkdir(parents=True, exist_ok=True)
+    units = Units(out)
     tracking = ComparisonTracking.open(tracking_uri(cfg.tracking.uri), cfg.tracking.required,
                                        cfg.tracking.experiment or cfg.name)
-    bilstm = []
-    for t, spec in specs.items():
-        if spec.kind != "summarization" and steps.get(t):
-            say(f"\n=== Bi-LSTM + attention: {t} for {steps[t]} steps ===")
-            dev = dev_rows(prepared[t], cfg.tasks[t].max_rows.get("validation"), cfg.seed)
-            bilstm.append(run_bilstm(cfg, prepared, t, steps[t], dev, tracking))
-    if bilstm:
-        rows.append(merge_rows("Bi-LSTM + attention (from scratch, one per task)", bilstm))
+    seed_list = [cfg.seed + i for i in range(seeds)]
 
-    report = f"# Comparison: {cfg.name}\n\nCommand: `{command}`\n\n" + table_markdown(rows, specs, notes(cfg, steps))
+    def trained(row: str, seed: int, task: str, c: Config) -> dict:
+        if (done := units.get(row, seed, task)) is not None:
+            return done
+        c = c.model_copy(update={"seed": seed})
+        say(f"\n=== {row}{'' if task == '*' else f' {task}'}, seed {seed}: {', '.join(c.tasks)} for {c.train.steps} steps ===")
+        r = train_driver(c, config_path=config_path, progress=True,
+                         run_name=f"{cfg.name}-cmp{units.id}-{slug(row)}{'' if task == '*' else f'-{task}'}-s{seed}")
+        if tracking is not None and r.run_id:
+            figure = loss_figure(tracking.loss_curves(r.run_id), f"{row}, seed {seed}")
+            tracking.log_figure(r.run_id, figure, "training_loss.png")
+            _close(figure)
+        return units.add(row, seed, task, Row(row, r.dev_metrics, r.steps, r.wall_seconds, [r.run_id] if r.run_id else []),
+                         task_steps=r.task_steps)
+
+    for i, seed in enumerate(seed_list):
+        say(f"\n##### seed {seed} ({i + 1} of {len(seed_list)})")
+        steps = trained(MTL, seed, "*", cfg)["task_steps"]
+        say(f"steps the multi-task sampler drew per task (seed {seed}): {steps}")
+        for name, c in list(mtl_configs.items())[1:]:
+            trained(name, seed, "*", c)
+        if not skip_single_task:
+            for t in cfg.tasks:
+                if steps.get(t):
+                    trained(SINGLE, seed, t, single_task_config(cfg, t, steps[t]))
+        for t, spec in specs.items():
+            if spec.kind != "summarization" and steps.get(t) and units.get(BILSTM, seed, t) is None:
+                say(f"\n=== {BILSTM} {t}, seed {seed}: {steps[t]} steps ===")
+                dev = dev_rows(prepared[t], cfg.tasks[t].max_rows.get("validation"), cfg.data.dev_seed)
+                units.add(BILSTM, seed, t, run_bilstm(cfg.model_copy(update={"seed": seed}), prepared, t, steps[t], dev,
+                                                      tracking))
+
+    rows = [r for r in (units.row(n, seed_list) for n in [*mtl_configs, SINGLE, BILSTM]) if r is not None]
+    claims = paired_claims(rows, specs)
+    for r in rows:  # the table's names say what the per-task rows are
+        r.model = {SINGLE: f"single-task ({cfg.model.name}, one model per task)",
+                   BILSTM: f"{BILSTM} (from scratch, one per task)"}.get(r.model, r.model)
+    task_steps = {u["seed"]: u["task_steps"] for (r, _, _), u in units.done.items() if r == MTL}
+    report = (f"# Comparison: {cfg.name}\n\nCommand: `{command}`\n\nSeeds: {', '.join(map(str, seed_list))} "
+              f"(mean ± 95% confidence interval, Student t over seeds)\n\n"
+              + table_markdown(rows, specs, notes(cfg, task_steps[seed_list[0]]))
+              + "\n## Paired differences (by seed)\n\n" + claims_markdown(claims, len(seed_list)))
     (out / "comparison.md").write_text(report)
     (out / "comparison.json").write_text(json.dumps(
-        {"command": command, "config": config_path, "rows": [r.__dict__ for r in rows], "task_steps": steps}, indent=1))
+        {"command": command, "config": config_path, "seeds": seed_list, "rows": [r.__dict__ for r in rows],
+         "claims": [c.__dict__ for c in claims], "task_steps": task_steps}, indent=1, default=_json_default))
+    figure = seeds_figure(rows, specs)
+    figure.savefig(out / "comparison.png", dpi=120)
+    _close(figure)
     say("\n" + report)
     if tracking is not None:
-        for row in rows:
-            for run_id in row.run_ids:
-                tracking.log_figure(run_id, loss_figure(tracking.loss_curves(run_id), row.model), "training_loss.png")
-        run_id = tracking.comparison(cfg.name, [out / "comparison.md", out / "comparison.json"])
+        run_id = tracking.comparison(cfg.name, [out / "comparison.md", out / "comparison.json", out / "comparison.png"],
+                                     linked={r.model: r.run_ids for r in rows})
         say(f"MLflow comparison run: {run_id} ({tracking.uri})")
     return out / "comparison.md"
+
+
+def _close(figure) -> None:
+    import matplotlib.pyplot as plt
+    plt.close(figure)
+
+
+def _json_default(value):
+    if isinstance(value, Interval):
+        return value.__dict__
+    raise TypeError(type(value))
+
+
+@dataclass
+class Claim:
+    """One paired comparison: `left − right` on a task's primary metric (×100) or an average, by seed."""
+    left: str
+    right: str
+    task: str
+    metric: str
+    difference: Interval
+
+    @property
+    def verdict(self) -> str:
+        if self.difference.n < 2:
+            return "one seed: no interval"
+        if not self.difference.holds:
+            return "within noise"
+        return "holds: better" if self.difference.mean > 0 else "holds: worse"
+
+
+def paired_claims(rows: list[Row], specs: dict[str, TaskSpec]) -> list[Claim]:
+    """The multi-task (equal weights) row against single-task and Bi-LSTM per task and on the GLUE-style average;
+    every other multi-task row against equal weights per task and on the all-task score. Paired by seed over
+    the seeds both rows have."""
+    by_name = {r.model: r for r in rows}
+    base = by_name.get(MTL)
+    if base is None:
+        return []
+    claims = []
+    everything = ("classification", "regression", "summarization")
+
+    def pair(left: Row, right: Row, task: str, metric: str) -> None:
+        seeds = sorted(set(left.per_seed) & set(right.per_seed))
+        if task in ("GLUE-style avg", "all-task score"):
+            kinds = everything if task == "all-task score" else ("classification", "regression")
+            a = [score(left.per_seed[s], specs, kinds) for s in seeds]
+            b = [score(right.per_seed[s], specs, kinds) for s in seeds]
+        else:
+            a = [100 * left.per_seed[s][task][metric] for s in seeds if task in left.per_seed[s]]
+            b = [100 * right.per_seed[s][task][metric] for s in seeds if task in right.per_seed[s]]
+        if a and len(a) == len(b) and all(x == x for x in a + b):
+            claims.append(Claim(left.model, right.model, task, metric, paired(a, b)))
+
+    for other in (by_name.get(SINGLE), by_name.get(BILSTM)):
+        if other is None:
+            continue
+        for t, spec in specs.items():
+            if t in other.metrics:
+                pair(base, other, t, spec.primary_metric)
+        pair(base, other, "GLUE-style avg", "mean")
+    for r in rows:
+        if r.model.startswith("multi-task") and r is not base:
+            for t, spec in specs.items():
+                pair(r, base, t, spec.primary_metric)
+            pair(r, base, "all-task score", "mean")
+    return claims
+
+
+def claims_markdown(claims: list[Claim], seeds: int) -> str:
+    if not claims:
+        return "No paired comparisons (one row only).\n"
+    lines = ["| comparison | task | metric | difference ×100 | 95% interval | verdict |", "|---|---|---|---|---|---|"]
+    for c in claims:
+        d = c.difference
+        span = "n/a" if d.n < 2 else f"[{d.low:+.1f}, {d.high:+.1f}]"
+        lines.append(f"| {c.left} − {c.right} | {c.task} | {c.metric} | {d.mean:+.1f} | {span} | {c.verdict} |")
+    held = [c for c in claims if c.difference.holds]
+    words = [""]
+    if seeds < 2:
+        words.append("One seed: no difference is supported or ruled out; rerun with `--seeds 3` or more.")
+    else:
+        words.append(f"{len(held)} of {len(claims)} differences hold (their interval over {seeds} seeds excludes 0):")
+        words += [f"- {c.left} is {'better' if c.difference.mean > 0 else 'worse'} than {c.right} on {c.task} "
+                  f"({c.difference.mean:+.1f}, interval [{c.difference.low:+.1f}, {c.difference.high:+.1f}])" for c in held]
+        if len(held) < len(claims):
+            words.append(f"The other {len(claims) - len(held)} are within noise: no claim either way.")
+    return "\n".join(lines + words) + "\n"
+
+
+def seeds_figure(rows: list[Row], specs: dict[str, TaskSpec]):
+    """Per task (primary metric, or ROUGE-1): every row's per-seed points and its mean ± 95% interval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = list(specs)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = "rouge1" if specs[task].kind == "summarization" else specs[task].primary_metric
+        for x, r in enumerate(rows):
+            values = [100 * v for v in r.values(task, metric)]
+            if not values:
+                continue
+            ax.scatter([x] * len(values), values, s=12, alpha=0.6, label="seeds" if x == 0 else None)
+            iv = interval(values)
+            ax.errorbar([x + 0.15], [iv.mean], yerr=[[0 if iv.half != iv.half else iv.half]] * 2, fmt="o", color="black",
+                        capsize=3)
+        ax.set_xticks(range(len(rows)), [r.model.split(" (")[0] if not r.model.startswith("multi-task") else
+                                         r.model.removeprefix("multi-task ") for r in rows], rotation=60, ha="right",
+                      fontsize=7)
+        ax.set_title(f"{task} {metric}", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def notes(cfg: Config, steps: dict[str, int]) -> list[str]:

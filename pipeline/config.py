@@ -59,6 +59,9 @@ class DataConfig(Strict):
     built with another tokenizer is an error; any other change rebuilds it in place."""
     carve_seed: int = 0
     """Seed of the hash that carves train/validation/test out of sources that lack them."""
+    dev_seed: int = 0
+    """Seed of the order that picks the dev rows a run evaluates (`max_rows.validation`). Kept apart from
+    `seed` so runs with different seeds (`jobs/compare.py --seeds`) are scored on the same rows."""
     batch_rows: int = Field(1024, ge=1)
     """Rows per Ray Data batch when normalising and tokenizing."""
     max_bad_labels: float = Field(0.25, ge=0, le=1)
@@ -187,12 +190,29 @@ class TaskConfig(Strict):
         return v
 
 
+SAMPLING_STRATEGIES = ("explicit", "proportional", "temperature", "annealed")  # pipeline/train/mixing.py
+
+
 class SamplingConfig(Strict):
-    strategy: Literal["explicit", "proportional", "temperature"] = "proportional"
-    """Which task each step trains on: `explicit` ratios, `proportional` to train rows, or
-    `temperature` (p ∝ n^(1/T); T=1 is proportional, large T approaches uniform)."""
+    strategy: Literal[SAMPLING_STRATEGIES] = "proportional"
+    """Which task each step trains on: `explicit` ratios, `proportional` to train rows, `temperature`
+    (p ∝ n^(1/T); T=1 is proportional, large T approaches uniform), or `annealed` (Stickland & Murray
+    2019: p ∝ n^α with α falling linearly from 1 at the first step to `anneal_floor` at the last)."""
     temperature: float = Field(2.0, gt=0)
     """T of the `temperature` strategy."""
+    size_cap: int | None = Field(None, ge=1)
+    """T5's K: a task counts at most this many train rows (p ∝ min(n, K)^…), so one large task cannot
+    crowd the others out. Applies to `proportional`, `temperature` and `annealed`."""
+    anneal_floor: float = Field(0.2, ge=0, le=1)
+    """α of the `annealed` strategy at the last step (0: uniform at the end)."""
+    online: bool = False
+    """Online mixing, an EXP3-style bandit (after Albalak et al. 2023): during training the ratios move
+    toward tasks whose loss is still falling, with the strategy's ratios as the prior. The same on every
+    rank (rank-averaged losses), checkpointed, logged as `ratio/<task>`."""
+    online_eta: float = Field(0.1, gt=0)
+    """Step size of the online bandit (larger: the ratios follow the loss progress faster)."""
+    online_explore: float = Field(0.2, gt=0, le=1)
+    """Share of every online draw that stays with the prior ratios (exploration; 1 turns the bandit off)."""
 
 
 # Options of each loss-weighting method and their defaults (pipeline/train/weighting.py), with the
@@ -202,6 +222,7 @@ WEIGHTING_OPTIONS: dict[str, dict[str, float]] = {
     "uncertainty": {"lr": 0.02},
     "dwa": {"temperature": 2.0, "window": 10},
     "gradcos": {"beta": 0.9, "eps": 0.05},
+    "famo": {"lr": 0.025, "decay": 0.001},
 }
 WeightingMethod = Literal[tuple(WEIGHTING_OPTIONS)]  # the one list of method names (config, Tune space, factory)
 _OPTION_CHECKS = {
@@ -210,6 +231,7 @@ _OPTION_CHECKS = {
     "window": (lambda v: v >= 1 and v == int(v), "use a whole number >= 1"),
     "beta": (lambda v: 0 <= v < 1, "use a value in [0, 1)"),
     "eps": (lambda v: v > 0, "use a value > 0"),
+    "decay": (lambda v: v >= 0, "use a value >= 0"),
 }
 
 
@@ -280,12 +302,14 @@ class TrainConfig(Strict):
     """Most recent checkpoints kept; the best model is kept apart as `best_model/`."""
     weighting: WeightingMethod = "static"
     """How task loss weights evolve: `static` (the configured weights), `uncertainty` (learned
-    log-variances, Kendall et al. 2018), `dwa` (Dynamic Weight Average, Liu et al. 2019) or `gradcos`
-    (the paper's gradient-cosine adjustment). The configured weights are each method's prior; current
+    log-variances, Kendall et al. 2018), `dwa` (Dynamic Weight Average, Liu et al. 2019), `famo` (FAMO,
+    Liu et al. 2023: loss-only, balances the tasks' log-loss improvement) or `gradcos` (the paper's
+    gradient-cosine adjustment). The configured weights are each method's prior; current
     weights (summing to the number of tasks) are logged as `weight/<task>`."""
     weighting_options: dict[str, float] = {}
     """Options of the weighting method; unset ones take their defaults: uncertainty `lr` (0.02);
-    dwa `temperature` (2.0), `window` (10 steps of a task); gradcos `beta` (0.9), `eps` (0.05)."""
+    dwa `temperature` (2.0), `window` (10 steps of a task); gradcos `beta` (0.9), `eps` (0.05); famo `lr`
+    (0.025, Adam on the logits), `decay` (0.001, pull toward the prior)."""
     shared_params: str | None = None
     """Parameter-name prefix of the shared group whose gradients `gradcos` compares, ending in a dot
     (e.g. `backbone.encoder.layer.5.`). Unset: the backbone's last transformer block."""
@@ -388,6 +412,9 @@ class Config(Strict):
             for name in with_ratio:
                 problems.append(Problem(f"tasks.{name}.ratio", f"ignored with sampling.strategy={self.sampling.strategy}",
                                         "remove it, or set sampling.strategy=explicit"))
+        if self.sampling.strategy == "explicit" and self.sampling.size_cap is not None:
+            problems.append(Problem("sampling.size_cap", "ignored with sampling.strategy=explicit (ratios are given)",
+                                    "remove it, or choose proportional, temperature or annealed sampling"))
         if problems:
             raise _Problems(problems)
         return self

@@ -7,6 +7,7 @@ jobs/tune.py is the command line around this.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -54,7 +55,7 @@ def run_experiment(spec, base, *, resume: bool = False, log=print):
     from ray.data import DataContext
 
     from pipeline.data.preprocess import prepare_tasks
-    prepare_tasks(base, log=log)
+    prepare_tasks(base, log=log, bar=sys.stderr.isatty())
     DataContext.get_current().enable_progress_bars = False
     space = param_space(spec, base)
     log(f"tune {spec.name}: {spec.num_samples} trials ({spec.search} search, {spec.scheduler} scheduler), "
@@ -206,11 +207,86 @@ def weights_figure(rows: list[dict], tasks: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+INCUMBENT = "own values"  # the confirm stage's name for the training config's own values
+
+
+def decide(scores: dict[str, list[float]], incumbent: str = INCUMBENT) -> tuple[list[dict], str]:
+    """The confirm table (per config: mean ± 95% interval of the final dev score over seeds, and the paired
+    difference to the incumbent) and the winner: the candidate with the highest mean among those whose
+    difference to the incumbent holds (> 0 beyond noise); the incumbent when none does."""
+    from pipeline.eval.stats import interval, paired
+    table = []
+    for label, values in scores.items():
+        diff = None if label == incumbent else paired(values, scores[incumbent])
+        table.append({"config": label, "scores": values, "score": interval(values), "difference": diff,
+                      "beats": bool(diff is not None and diff.holds and diff.mean > 0)})
+    beating = [r for r in table if r["beats"]]
+    winner = max(beating, key=lambda r: r["score"].mean)["config"] if beating else incumbent
+    return table, winner
+
+
+def confirm_markdown(table: list[dict], winner: str, seeds: list[int], steps: int) -> str:
+    lines = [f"## Confirm stage: {len(seeds)} seeds ({', '.join(map(str, seeds))}) × {steps} steps per config", "",
+             "Final dev multi-task score: mean ± 95% interval over seeds; the difference to the training config's "
+             "own values is paired by seed.", "",
+             "| config | per-seed scores | score | − own values | 95% interval | verdict |", "|---|---|---|---|---|---|"]
+    for r in table:
+        d = r["difference"]
+        verdict = ("incumbent" if d is None else "beats the own values" if r["beats"] else
+                   "worse beyond noise" if d.holds else "within noise")
+        cells = [r["config"] + (" **winner**" if r["config"] == winner else ""), ", ".join(f"{v:.2f}" for v in r["scores"]),
+                 r["score"].text(digits=2), "—" if d is None else f"{d.mean:+.2f}",
+                 "—" if d is None else f"[{d.low:+.2f}, {d.high:+.2f}]", verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", (f"Winner: {winner}, better than the training config's own values beyond noise." if winner != INCUMBENT
+                   else "No searched config beats the training config's own values beyond noise: the own values stay "
+                        "(best_config.yaml holds them; nothing is registered).")]
+    return "\n".join(lines) + "\n"
+
+
+def confirm(spec, base, rows: list[dict], parent_run_id: str | None, log=print) -> dict:
+    """The confirm stage: the top-k finished trials' configs and the training config's own values, each
+    retrained with `confirm.seeds` seeds and `confirm.overrides` (the full budget), nested under the parent
+    run. Runs have fixed names, so a rerun continues them. Returns the table, the winner, its config and the
+    run folder of the winner's best seed."""
+    from pipeline import storage
+    from pipeline.config import Config, apply_overrides, config_to_dict
+    from pipeline.eval.metrics import multitask_score
+    from pipeline.train.driver import train_driver
+    from pipeline.tuning import trial_config
+
+    c = spec.confirm
+    top = sorted([r for r in rows if r["status"] == "finished" and not r["baseline"] and r["best_score"] == r["best_score"]],
+                 key=lambda r: -r["best_score"])[:c.top_k]
+    candidates = {INCUMBENT: {}, **{f"trial {r['trial']}": r["config"] for r in top}}
+    seeds = [base.seed + i for i in range(c.seeds)]
+    specs = base.task_specs()
+    configs, scores, runs = {}, {}, {}
+    for label, params in candidates.items():
+        raw = config_to_dict(trial_config(base, params, spec))
+        apply_overrides(raw, c.overrides)
+        configs[label] = Config.model_validate(raw)
+        for seed in seeds:
+            name = f"{spec.name}-confirm-{label.replace(' ', '-')}-s{seed}"
+            log(f"confirm {label}, seed {seed} ({configs[label].train.steps} steps): run {name}")
+            r = train_driver(configs[label].model_copy(update={"seed": seed}), run_name=name,
+                             parent_run_id=parent_run_id, log=log)
+            scores.setdefault(label, []).append(multitask_score(r.dev_metrics, specs))
+            runs.setdefault(label, []).append(storage.join(storage.resolve(base.train.storage_path), name))
+    table, winner = decide(scores)
+    best_seed = max(range(len(seeds)), key=lambda i: scores[winner][i])
+    return {"table": table, "winner": winner, "config": configs[winner], "run_dir": runs[winner][best_seed],
+            "seeds": seeds, "markdown": confirm_markdown(table, winner, seeds, configs[winner].train.steps)}
+
+
 def summarise(grid, spec, base, parent_run_id: str | None, uri: str, out: Path, log=print) -> dict:
-    """Write trials.md/json, best_config.yaml and the plot; log them to the parent run; register the
-    best model as `challenger` when `register_as` is set."""
+    """Write trials.md/json, best_config.yaml and the plot; with a `confirm:` stage retrain the top trials and
+    the own values over seeds first (the confirmed winner is then the best config); log them to the parent
+    run; register the winner's model as `challenger` when `register_as` is set — after a confirm stage only
+    when the winner beats the own values beyond noise."""
     import yaml
 
+    from pipeline import storage
     from pipeline.config import config_to_dict
     from pipeline.tracking import TuneParent
     from pipeline.tuning import trial_config
@@ -219,33 +295,55 @@ def summarise(grid, spec, base, parent_run_id: str | None, uri: str, out: Path, 
     rows = trial_rows(grid, spec, base, parent)
     best = best_row(rows)
     out.mkdir(parents=True, exist_ok=True)
-    best_cfg = config_to_dict(trial_config(base, best["config"], spec))
+    winner_cfg = trial_config(base, best["config"], spec)
+    header = f"# Best trial {best['trial']} of Tune experiment {spec.name}: dev score {best['best_score']:.2f}.\n"
+    register_dir = storage.join(storage.resolve(base.train.storage_path), best["run_name"])
+    confirmed, files = None, ["trials.md", "trials.json", "best_config.yaml", "weights_vs_score.png"]
+    if spec.confirm is not None:
+        confirmed = confirm(spec, base, rows, parent_run_id, log)
+        winner_cfg = confirmed["config"]
+        header = (f"# Confirmed winner of Tune experiment {spec.name}: {confirmed['winner']} "
+                  f"({len(confirmed['seeds'])} seeds; see confirm.md).\n")
+        register_dir = confirmed["run_dir"] if confirmed["winner"] != INCUMBENT else None
+        (out / "confirm.md").write_text(confirmed["markdown"])
+        (out / "confirm.json").write_text(json.dumps({k: v for k, v in confirmed.items() if k in ("table", "winner", "seeds")},
+                                                     indent=2, default=lambda o: getattr(o, "__dict__", str(o))))
+        files += ["confirm.md", "confirm.json"]
+    best_cfg = config_to_dict(winner_cfg)
     best_cfg["name"] = f"{spec.name}-best"
     best_cfg["tracking"]["experiment"] = base.tracking.experiment
-    header = (f"# Best trial {best['trial']} of Tune experiment {spec.name}: dev score {best['best_score']:.2f}.\n"
-              f"# Retrain with: python jobs/train.py --config {out / 'best_config.yaml'}\n")
+    header += f"# Retrain with: python jobs/train.py --config {out / 'best_config.yaml'}\n"
     (out / "best_config.yaml").write_text(header + yaml.safe_dump(best_cfg, sort_keys=False))
-    (out / "trials.md").write_text(trials_markdown(rows, best, spec, base))
+    (out / "trials.md").write_text(trials_markdown(rows, best, spec, base) + ("\n" + confirmed["markdown"] if confirmed else ""))
     (out / "trials.json").write_text(json.dumps({"experiment": spec.name, "best_trial": best["trial"],
                                                  "parent_run_id": parent_run_id, "trials": rows}, indent=2, default=str))
     weights_figure(rows, list(base.tasks), out / "weights_vs_score.png")
-    summary = {"rows": rows, "best": best, "out": str(out), "version": None}
+    summary = {"rows": rows, "best": best, "out": str(out), "version": None, "confirm": confirmed}
     if parent is None:
         return summary
     tags = {"mtl.best_trial": best["run_name"], **({"mtl.best_run_id": best["run_id"]} if best["run_id"] else {})}
-    if spec.register_as:
-        from pipeline import storage
+    metrics = {"best_score": best["best_score"], "trials_finished": sum(r["status"] == "finished" for r in rows),
+               "trials_stopped": sum(r["status"].startswith("stopped") for r in rows),
+               "steps_total": sum(r["steps"] for r in rows)}
+    if confirmed:
+        tags["mtl.confirmed_winner"] = confirmed["winner"]
+        for r in confirmed["table"]:
+            key = r["config"].replace(" ", "_")
+            metrics[f"confirm/{key}/mean"] = r["score"].mean
+            if r["difference"] is not None:
+                metrics[f"confirm/{key}/difference"] = r["difference"].mean
+    if spec.register_as and register_dir is None:
+        tags["mtl.registered"] = "none: no config beats the own values beyond noise"
+        log(f"not registered: no searched config beats the training config's own values beyond noise "
+            f"(confirm.md); {spec.register_as}'s current versions stay as they are")
+    elif spec.register_as:
         from pipeline.registry import register_run_model, registry_client
-        run_dir = storage.join(storage.resolve(base.train.storage_path), best["run_name"])
-        info, version = register_run_model(registry_client(uri, "tracking.uri"), run_dir, spec.register_as,
+        info, version = register_run_model(registry_client(uri, "tracking.uri"), register_dir, spec.register_as,
                                            alias="challenger",
                                            extra_tags={"tune_experiment": spec.name, "tune_parent_run": parent_run_id})
         summary["version"] = version.version
         tags["mtl.registered"] = f"{spec.register_as} v{version.version}"
         log(f"registered {spec.register_as} version {version.version} ({info.model_uri}) as @challenger; "
             f"promote with: python jobs/register.py --name {spec.register_as} --promote {version.version}")
-    parent.finish([out / n for n in ("trials.md", "trials.json", "best_config.yaml", "weights_vs_score.png")],
-                  {"best_score": best["best_score"], "trials_finished": sum(r["status"] == "finished" for r in rows),
-                   "trials_stopped": sum(r["status"].startswith("stopped") for r in rows),
-                   "steps_total": sum(r["steps"] for r in rows)}, tags)
+    parent.finish([out / n for n in files], metrics, tags)
     return summary

@@ -313,9 +313,17 @@ class ComparisonTracking:
     def log_figure(self, run_id: str, figure, name: str) -> None:
         self.client.log_figure(run_id, figure, name)
 
-    def comparison(self, name: str, files: list[Path]) -> str:
-        return _standalone_run(self.client, self.experiment, f"compare-{name}", {"mtl.kind": "comparison"}, [],
-                               artifacts=[(f, None) for f in files])
+    def comparison(self, name: str, files: list[Path], linked: Mapping[str, list[str]] | None = None) -> str:
+        """The comparison run with its files; `linked` (row -> the MLflow runs of its models, every seed) is kept
+        as `linked_runs.json`, and each linked run gets the tag `mtl.comparison` = this run's id."""
+        run_id = _standalone_run(self.client, self.experiment, f"compare-{name}", {"mtl.kind": "comparison"}, [],
+                                 artifacts=[(f, None) for f in files])
+        if linked:
+            self.client.log_dict(run_id, dict(linked), "linked_runs.json")
+            for ids in linked.values():
+                for linked_id in ids:
+                    self.client.set_tag(linked_id, "mtl.comparison", run_id)
+        return run_id
 
 
 class TuneParent:

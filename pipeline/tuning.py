@@ -36,8 +36,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
-from pipeline.config import (WEIGHTING_OPTIONS, Config, Strict, apply_overrides, config_to_dict, load_config, problems_from,
-                             read_yaml)
+from pipeline.config import (SAMPLING_STRATEGIES, WEIGHTING_OPTIONS, Config, Strict, apply_overrides, config_to_dict,
+                             load_config, problems_from, read_yaml)
 from pipeline.errors import PipelineError, Problem
 from pipeline.train.mixing import normalise_ratios, normalise_weights
 
@@ -84,8 +84,10 @@ Dim = Annotated[Any, AfterValidator(_dim)]
 
 
 class SamplingSpace(Strict):
-    strategy: list[Literal["explicit", "proportional", "temperature"]] | None = None
+    strategy: list[Literal[SAMPLING_STRATEGIES]] | None = None
     """Sampling strategies to try (unset: the training config's)."""
+    online: list[bool] | None = None
+    """Online mixing off/on (`[false, true]`: searched as a categorical)."""
     temperature: Dim | None = None
     """Temperature of `temperature` trials."""
     ratios: Dim | None = None
@@ -111,6 +113,16 @@ class AshaSpec(Strict):
     """Steps every trial trains before ASHA may stop it."""
     reduction_factor: float = Field(2.0, gt=1)
     """Each rung keeps 1/reduction_factor of the trials."""
+
+
+class ConfirmSpec(Strict):
+    top_k: int = Field(2, ge=1)
+    """The best finished trials whose configs are retrained (beside the training config's own values)."""
+    seeds: int = Field(3, ge=2)
+    """Seeds per config (at least 2: an interval needs two)."""
+    overrides: list[str] = []
+    """`key=value` overrides of every retrained config: the full budget (e.g. `train.steps=120`, when the
+    search trained shorter runs)."""
 
 
 class TuneSpec(Strict):
@@ -139,6 +151,10 @@ class TuneSpec(Strict):
     baseline: bool = True
     """Make the first trial the training config's own values (e.g. equal weights), so every
     experiment scores its starting point side by side with what the search finds."""
+    confirm: ConfirmSpec | None = None
+    """After the search, retrain the top-k trials' configs and the training config's own values with several
+    seeds; the winner must beat the own values beyond noise (paired by seed) to become best_config.yaml and
+    to be registered. Unset: the best trial wins as it is."""
 
 
 def load_tune_spec(path: str | Path, overrides: list[str] = ()) -> tuple[TuneSpec, Config]:
@@ -207,6 +223,8 @@ def _dims(spec: TuneSpec, base: Config) -> list[tuple[str, Dim]]:
         dims += [(f"weight.{t}", s.weights) for t in base.tasks]
     if s.sampling.strategy is not None:
         dims.append(("sampling.strategy", list(s.sampling.strategy)))
+    if s.sampling.online is not None:
+        dims.append(("sampling.online", list(s.sampling.online)))
     if s.sampling.temperature is not None:
         dims.append(("sampling.temperature", s.sampling.temperature))
     if s.sampling.ratios is not None:
@@ -261,7 +279,7 @@ def trial_config(base: Config | dict, params: dict[str, Any], spec: TuneSpec) ->
         weights = normalise_weights({t: float(params.get(f"weight.{t}", raw["tasks"][t]["weight"])) for t in tasks})
         for t in tasks:
             raw["tasks"][t]["weight"] = round(weights[t], 6)
-    for key in ("strategy", "temperature"):
+    for key in ("strategy", "temperature", "online"):
         if f"sampling.{key}" in params:
             raw["sampling"][key] = params[f"sampling.{key}"]
     if raw["sampling"]["strategy"] == "explicit":

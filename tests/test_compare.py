@@ -66,7 +66,7 @@ def test_bilstm_row_on_real_data_is_tracked_with_a_loss_plot(cfg, tmp_path, ray_
 
     cfg = cfg.model_copy(update={"tasks": {"bbc_news": cfg.tasks["bbc_news"]}})
     prepared = prepare_tasks(cfg, log=lambda _: None)
-    dev = dev_rows(prepared["bbc_news"], 228, cfg.seed)
+    dev = dev_rows(prepared["bbc_news"], 228, cfg.data.dev_seed)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracking = ComparisonTracking.open(uri, True, "compare-test")
     row = run_bilstm(cfg, prepared, "bbc_news", 30, dev, tracking)
@@ -84,3 +84,93 @@ def test_bilstm_row_on_real_data_is_tracked_with_a_loss_plot(cfg, tmp_path, ray_
     assert "training_loss.png" in {a.path for a in MlflowClient(uri).list_artifacts(run_id)}
     (line,) = fig.axes[0].get_lines()
     assert line.get_label() == "bbc_news" and list(line.get_ydata()) == [v for _, v in history]
+
+
+def _unit(row, seed, task, metrics, **extra):
+    return {"row": row, "seed": seed, "task": task, "metrics": metrics, "steps": sum(extra.get("task_steps", {}).values()) or 10,
+            "wall_seconds": 60.0, "run_ids": [], **extra}
+
+
+def test_seeded_comparison_resumes_and_says_which_claims_hold(cfg, tmp_path, ray_session):
+    """Two seeds. The multi-task, variant and single-task models are already recorded as finished (what a rerun
+    after an interruption sees), so only the Bi-LSTM baselines train here, for real; the report's intervals and
+    paired verdicts are checked against hand-computed values, and a second rerun trains nothing."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from pipeline.compare import BILSTM, MTL, SINGLE, run_comparison
+    from pipeline.eval.stats import interval, paired
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config("jobs/configs/default.yaml", [f"data.cache_dir={cfg.data.cache_dir}", f"tracking.uri={uri}",
+                                                    "tasks.rotten_tomatoes.max_rows.validation=100",
+                                                    "tasks.bbc_news.max_rows.validation=60"])
+    out = tmp_path / "cmp"
+    out.mkdir()
+    steps = {"rotten_tomatoes": 12, "bbc_news": 10, "xsum": 8}
+    xsum = {"rouge1": 0.2, "rouge2": 0.05, "rougeL": 0.15}
+    rt = {0: (0.80, 0.78), 1: (0.70, 0.68)}  # (multi-task, single-task) accuracy: multi-task leads by 2 at both seeds
+    bbc = {0: (0.90, 0.92), 1: (0.85, 0.83)}  # one seed each way: within noise
+    units = []
+    for seed in (0, 1):
+        mtl = {"rotten_tomatoes": {"accuracy": rt[seed][0], "f1": 0.5}, "bbc_news": {"accuracy": bbc[seed][0], "macro_f1": 0.5},
+               "xsum": xsum}
+        units.append(_unit(MTL, seed, "*", mtl, task_steps=steps))
+        units.append(_unit("multi-task (hi-lr)", seed, "*", {**mtl, "xsum": {**xsum, "rouge1": 0.25 + 0.01 * seed}}, task_steps=steps))
+        units.append(_unit(SINGLE, seed, "rotten_tomatoes", {"rotten_tomatoes": {"accuracy": rt[seed][1], "f1": 0.5}}))
+        units.append(_unit(SINGLE, seed, "bbc_news", {"bbc_news": {"accuracy": bbc[seed][1], "macro_f1": 0.5}}))
+        units.append(_unit(SINGLE, seed, "xsum", {"xsum": xsum}))
+    (out / "comparison.units.jsonl").write_text("".join(json.dumps(u) + "\n" for u in units))
+
+    said: list[str] = []
+    report = run_comparison(cfg, "jobs/configs/default.yaml", out, "test", seeds=2,
+                            variants={"hi-lr": ["train.lr=2.0e-4"]}, say=said.append).read_text()
+    recorded = [json.loads(line) for line in (out / "comparison.units.jsonl").read_text().splitlines()]
+    trained = [u for u in recorded if u["row"] == BILSTM]
+    assert sorted((u["seed"], u["task"]) for u in trained) == [(0, "bbc_news"), (0, "rotten_tomatoes"),
+                                                                (1, "bbc_news"), (1, "rotten_tomatoes")]
+    assert {u["steps"] for u in trained if u["task"] == "rotten_tomatoes"} == {12}  # the multi-task draws are the budget
+    assert not any("=== multi-task" in line or "=== single-task" in line for line in said)  # recorded: not retrained
+
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in report.splitlines() if line.startswith("|")}
+    assert lines[MTL].startswith(f"| {MTL} | {interval([80.0, 70.0]).text()} | ")  # "75.0 ± 63.5"
+    claim = next(line for line in report.splitlines() if line.startswith(f"| {MTL} − {SINGLE} | rotten_tomatoes"))
+    assert "| +2.0 | [+2.0, +2.0] | holds: better |" in claim
+    claim = next(line for line in report.splitlines() if line.startswith(f"| {MTL} − {SINGLE} | bbc_news"))
+    expected = paired([90.0, 85.0], [92.0, 83.0])
+    assert f"| {expected.mean:+.1f} | [{expected.low:+.1f}, {expected.high:+.1f}] | within noise |" in claim
+    assert "| multi-task (hi-lr) − multi-task (equal weights) | xsum | rouge1 | +5.5 |" in report
+    assert "are within noise: no claim either way" in report
+
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["seeds"] == [0, 1]
+    bilstm = next(r for r in saved["rows"] if r["model"].startswith(BILSTM))
+    assert set(bilstm["per_seed"]) == {"0", "1"} and set(bilstm["per_seed"]["1"]) == {"rotten_tomatoes", "bbc_news"}
+
+    client = MlflowClient(uri)
+    (comparison,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
+                                       "tags.`mtl.kind` = 'comparison'")
+    assert {"comparison.md", "comparison.json", "comparison.png", "linked_runs.json"} <= \
+        {a.path for a in client.list_artifacts(comparison.info.run_id)}
+    for u in trained:  # every baseline run points at the comparison
+        assert client.get_run(u["run_ids"][0]).data.tags["mtl.comparison"] == comparison.info.run_id
+
+    again = run_comparison(cfg, "jobs/configs/default.yaml", out, "test", seeds=2,
+                           variants={"hi-lr": ["train.lr=2.0e-4"]}, say=said.append)
+    assert len((out / "comparison.units.jsonl").read_text().splitlines()) == len(recorded)  # nothing retrained
+    assert again.read_text().split("Command")[1] == report.split("Command")[1]
+
+
+def test_seeds_figure_shows_every_seed_and_the_interval():
+    from pipeline.compare import seeds_figure
+    from pipeline.config import load_config
+
+    specs = load_config("jobs/configs/default.yaml").task_specs()
+    per_seed = {s: {"rotten_tomatoes": {"accuracy": a}, "bbc_news": {"accuracy": 0.9}, "xsum": {"rouge1": 0.2}}
+                for s, a in enumerate([0.7, 0.8, 0.75])}
+    fig = seeds_figure([Row("multi-task (equal weights)", {}, 1, 1.0, per_seed=per_seed)], specs)
+    ax = fig.axes[0]
+    (points,) = ax.collections[:1]
+    assert sorted(points.get_offsets()[:, 1].tolist()) == pytest.approx([70.0, 75.0, 80.0])
+    assert ax.get_title() == "rotten_tomatoes accuracy"

@@ -25,7 +25,7 @@ def _check_same(folder: Path, cfg, engine: dict):
     prepared = prepare_tasks(cfg, log=lambda _: None)
     specs = cfg.task_specs()
     for task, logged in engine.items():
-        rows = dev_rows(prepared[task], cfg.tasks[task].max_rows["validation"], cfg.seed)
+        rows = dev_rows(prepared[task], cfg.tasks[task].max_rows["validation"], cfg.data.dev_seed)
         assert rows.get("label", rows.get("target")) == logged["references"]  # the same rows, in the same order
         # the batches the two evaluation ranks formed: rank r took rows r, r+2, ...
         preds = predictor.predict_ids(task, rows, cfg.train.eval_batch_size, world=cfg.train.num_workers)

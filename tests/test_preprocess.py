@@ -131,13 +131,15 @@ def test_repeated_small_split_gives_each_worker_its_own_part_several_times(glue)
     assert {"input_ids", "label", "id", "drop_reason"} <= set(prepared["sst2"].columns("train"))
 
 
-def test_second_run_hits_the_cache(glue, glue_dir, cache_dir):
+def test_second_run_hits_the_cache(glue, glue_dir, cache_dir, capsys):
     cfg, first, _ = glue
     logs: list[str] = []
-    again = prepare_tasks(cfg, log=logs.append)
+    again = prepare_tasks(cfg, log=logs.append, bar=True)
     assert all(t.cache_hit for t in again.values())
     assert {t.path for t in again.values()} == {t.path for t in first.values()}
     assert all("cache hit" in line for line in logs) and len(logs) == 3
+    bar = capsys.readouterr().err  # the tqdm bar over the tasks, at its end
+    assert "preprocess: 100%" in bar and "3/3" in bar, bar
     other = prepare_tasks(_cfg(cache_dir, "{mrpc: {}}", "model.max_length=32", glue_dir=glue_dir), log=logs.append)
     assert not other["mrpc"].cache_hit and other["mrpc"].path != first["mrpc"].path  # lengths are in the key
     assert max(r["num_tokens"] for r in other["mrpc"].dataset("train", limit=300).take_all()) <= 32

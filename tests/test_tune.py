@@ -267,3 +267,51 @@ def test_asha_experiment_killed_resumed_tracked_and_reproducible(tmp_path, cache
     assert {t: c.weight for t, c in cfg.tasks.items()} == best["weights"]
     again = train_driver(cfg, log=lambda _: None)
     assert again.best_score == pytest.approx(best["best_score"], abs=1e-6)
+
+
+def test_confirm_stage_names_a_winner_only_beyond_noise():
+    from pipeline.experiment import INCUMBENT, confirm_markdown, decide
+    from pipeline.eval.stats import paired
+
+    own = [60.0, 62.0, 61.0]
+    scores = {INCUMBENT: own, "trial a": [61.0, 63.5, 61.8], "trial b": [63.0, 60.0, 64.0]}
+    table, winner = decide(scores)
+    rows = {r["config"]: r for r in table}
+    assert rows["trial a"]["difference"] == paired([61.0, 63.5, 61.8], own)  # +1.0, +1.5, +0.8: holds
+    assert rows["trial a"]["beats"] and not rows["trial b"]["beats"]  # b: +3, −2, +3 — a higher mean, but noise
+    assert rows["trial b"]["score"].mean > rows["trial a"]["score"].mean and winner == "trial a"
+    text = confirm_markdown(table, winner, [0, 1, 2], 120)
+    assert "| trial a **winner** | 61.00, 63.50, 61.80 |" in text and "| within noise |" in text
+    assert "Winner: trial a, better than the training config's own values beyond noise." in text
+
+    table, winner = decide({INCUMBENT: own, "trial b": [63.0, 60.0, 64.0], "trial c": [58.0, 60.5, 59.0]})
+    assert winner == INCUMBENT and "worse beyond noise" in confirm_markdown(table, winner, [0, 1, 2], 120)
+    assert "the own values stay" in confirm_markdown(table, winner, [0, 1, 2], 120)
+
+
+@pytest.mark.slow  # default tier: the confirm decision by hand (above) and the two-trial experiment without it
+@pytest.mark.timeout(1800)
+def test_confirm_stage_retrains_over_seeds_and_registers_only_a_winner(tmp_path, cache_dir, ray_session):
+    path = _write_spec(tmp_path, cache_dir, num_samples=2, scheduler="fifo", report_every=5,
+                       confirm={"top_k": 1, "seeds": 2, "overrides": ["train.steps=12"]})
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(path), "--out", str(out), "train.steps=10"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    confirmed = json.loads((out / "confirm.json").read_text())
+    assert [r["config"] for r in confirmed["table"]][0] == "own values" and len(confirmed["table"]) == 2
+    assert all(len(r["scores"]) == 2 for r in confirmed["table"]) and confirmed["seeds"] == [0, 1]
+    summary = json.loads((out / "trials.json").read_text())
+    client, children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}", summary["parent_run_id"])
+    confirm_runs = [c for c in children if "-confirm-" in c.data.tags["mtl.run_name"]]
+    assert len(confirm_runs) == 4 and all("dev/score" in c.data.metrics for c in confirm_runs)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["mtl.confirmed_winner"] == confirmed["winner"]
+    assert "## Confirm stage" in (out / "trials.md").read_text()
+    assert load_config(out / "best_config.yaml").train.steps == 12
+    versions = client.search_model_versions("name = 'tt-model'")
+    if confirmed["winner"] == "own values":
+        assert not versions and parent.data.tags["mtl.registered"].startswith("none")
+    else:
+        assert len(versions) == 1

@@ -16,7 +16,7 @@ from pipeline.model.multitask import Head, build_model
 from pipeline.train.weighting import make_weighting
 
 TASKS = ["a", "b", "c"]
-METHODS = ["static", "uncertainty", "dwa", "gradcos"]
+METHODS = ["static", "uncertainty", "dwa", "gradcos", "famo"]
 
 
 def _drive(weighting, steps: int, seed: int = 0, dim: int = 8) -> None:
@@ -153,7 +153,7 @@ def test_config_selects_and_validates_the_weighting():
     assert load_config(None, ["tasks={sst2: {}}"]).train.weighting == "static"
 
     (line,) = _problems("train.weighting=softmax")
-    assert line.startswith("train.weighting: Input should be 'static', 'uncertainty', 'dwa' or 'gradcos'"), line
+    assert line.startswith("train.weighting: Input should be 'static', 'uncertainty', 'dwa', 'gradcos' or 'famo'"), line
     (line,) = _problems("train.weighting=dwa", "train.weighting_options={temperature: 1, lr: 0.1}")
     assert line == "train.weighting_options.lr: unknown option for train.weighting=dwa — use one of: temperature, window"
     (line,) = _problems("train.weighting_options={beta: 0.5}")
@@ -286,6 +286,26 @@ def test_gradcos_at_zero3_logs_moving_weights(tmp_path, cache_dir, ray_session):
     assert any(abs(v - 1.0) > 1e-4 for v in history["bbc_news"].values()), history
 
 
+def test_famo_with_annealed_online_sampling_at_zero2(tmp_path, cache_dir, ray_session):
+    """FAMO weights and annealed + online sampling ratios, on 2 workers at ZeRO-2: both move, both are logged
+    at every log step (weights sum to T, ratios to 1), and every rank drew the same tasks (else the
+    collectives would have hung)."""
+    from mlflow.tracking import MlflowClient
+
+    history = _run(tmp_path, cache_dir, "train.zero_stage=2", "train.weighting=famo",
+                   "train.weighting_options={lr: 0.2}", "sampling.strategy=annealed", "sampling.anneal_floor=0.0",
+                   "sampling.online=true", "sampling.online_eta=1.0", "tasks.bbc_news.max_rows.train=48")
+    assert any(abs(v - 1.0) > 1e-3 for v in history["bbc_news"].values()), history
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("w").experiment_id])
+    ratios = {t: {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"ratio/{t}")}
+              for t in ("rotten_tomatoes", "bbc_news")}
+    assert sorted(ratios["bbc_news"]) == list(range(2, 21, 2))
+    for step in ratios["bbc_news"]:
+        assert ratios["bbc_news"][step] + ratios["rotten_tomatoes"][step] == pytest.approx(1.0)
+    assert len({round(v, 6) for v in ratios["bbc_news"].values()}) > 3, ratios  # the ratios moved during training
+
+
 @pytest.mark.slow  # default tier: gradcos at ZeRO-3 through the loop; DWA's arithmetic and state round trip by hand
 def test_dwa_at_zero3_logs_moving_weights(tmp_path, cache_dir, ray_session):
     """DWA keeps the prior until a task has closed two loss windows (2 of its steps each: at least 4 draws),
@@ -379,3 +399,36 @@ def test_clipping_acts_on_the_task_gradient_so_weights_are_not_cancelled(ray_ses
             assert (full - quarter).abs().max().item() > 1e-5, f"stage {stage}: the weight had no effect"
 
     TorchTrainer(worker, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5})).fit()
+
+
+def test_famo_moves_weight_to_the_task_that_improves_least():
+    import math as m
+
+    w = make_weighting("famo", ["fast", "slow"], {"fast": 1, "slow": 1}, {"lr": 0.1, "decay": 0.0})
+    w.observe_loss("fast", 2.0, 1)
+    assert w.weights() == {"fast": 1.0, "slow": 1.0}  # static until every task has a loss
+    w.observe_loss("slow", 1.0, 2)
+    # z = (0.5, 0.5): w_t ∝ z_t / L_t = (0.25, 0.5), normalised to sum to 2
+    assert w.weights() == pytest.approx({"fast": 2 / 3, "slow": 4 / 3})
+    w.observe_loss("fast", 1.0, 3)  # δ_fast = log 2 − log 1; J_zᵀδ = z ⊙ (δ − z·δ) = (+δ/4, −δ/4)
+    # Adam's first step moves each logit by lr against the sign of its gradient: ξ = (−0.1, +0.1)
+    z_fast = 1 / (1 + m.exp(0.2))
+    expected = {"fast": z_fast / 1.0, "slow": (1 - z_fast) / 1.0}
+    total = sum(expected.values())
+    assert w.weights() == pytest.approx({t: 2 * v / total for t, v in expected.items()}, rel=1e-6)
+    assert w.weights()["slow"] > 1.0 > w.weights()["fast"]
+    state = w.state_dict()
+    again = make_weighting("famo", ["fast", "slow"], {"fast": 1, "slow": 1}, {"lr": 0.1, "decay": 0.0})
+    again.load_state_dict(state)
+    for x in (w, again):
+        x.observe_loss("slow", 0.5, 4)
+    assert again.weights() == w.weights()
+
+
+def test_famo_decay_pulls_the_logits_back_to_the_prior_and_zero_weights_stay_zero():
+    w = make_weighting("famo", ["a", "b", "c"], {"a": 2, "b": 1, "c": 0}, {"lr": 0.05, "decay": 1.0})
+    for step, (task, loss) in enumerate([("a", 1.0), ("b", 1.0)] * 3 + [("a", 0.5)] + [("b", 1.0), ("a", 0.5)] * 200):
+        w.observe_loss(task, loss, step)
+    assert w.weights()["c"] == 0.0 and sum(w.weights().values()) == pytest.approx(3.0)
+    z = w.z()  # with no improvement left, decay returns z to the prior's 2 : 1
+    assert z["a"] / z["b"] == pytest.approx(2.0, rel=0.05)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -153,8 +154,9 @@ def cache_key(spec: TaskSpec, resolved: ResolvedSource, tokenizer_fp: str, max_l
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare_tasks(cfg: Config, log: Callable[[str], None] = print) -> dict[str, PreparedTask]:
-    """Preprocess (or load from cache) every configured task. Problems across tasks are reported together."""
+def prepare_tasks(cfg: Config, log: Callable[[str], None] = print, bar: bool = False) -> dict[str, PreparedTask]:
+    """Preprocess (or load from cache) every configured task. Problems across tasks are reported together.
+    `bar`: a tqdm bar over the tasks on stderr (for a terminal); the per-task lines print above it."""
     specs = cfg.task_specs()
     tokenizer_fp = tokenizer_fingerprint(cfg.model.name)
     resolved, problems = {}, []
@@ -165,7 +167,24 @@ def prepare_tasks(cfg: Config, log: Callable[[str], None] = print) -> dict[str, 
             problems += err.problems
     if problems:
         raise PipelineError(problems)
-    return {name: _prepare(cfg, specs[name], resolved[name], tokenizer_fp, log) for name in specs}
+    if not bar:
+        return {name: _prepare(cfg, specs[name], resolved[name], tokenizer_fp, log) for name in specs}
+    from ray.data import DataContext
+    from tqdm import tqdm
+
+    DataContext.get_current().enable_progress_bars = False  # one bar: ours (Ray Data's per-operator bars off)
+
+    def above(line: str) -> None:  # a line above the bar, not through it
+        with tqdm.external_write_mode():
+            log(line)
+
+    prepared = {}
+    with tqdm(total=len(specs), unit="task", desc="preprocess", file=sys.stderr, dynamic_ncols=True) as progress:
+        for name in specs:
+            progress.set_postfix_str(name)
+            prepared[name] = _prepare(cfg, specs[name], resolved[name], tokenizer_fp, above)
+            progress.update()
+    return prepared
 
 
 def _prepare(cfg: Config, spec: TaskSpec, resolved: ResolvedSource, tokenizer_fp: str,

@@ -81,6 +81,7 @@ def _resolve_files(spec: TaskSpec, source: FilesSource, data: DataConfig) -> Res
     names_of_path: dict[str, tuple[str, ...]] = {}
     header_of_path: dict[str, str] = {}
     unlabelled = set()
+    hashes: dict[str, str] = {}  # path -> sha256 of its bytes (read once, with the decode check)
     for split, entry in source.splits.items():
         if not entry.labelled:
             unlabelled.add(split)
@@ -96,8 +97,11 @@ def _resolve_files(spec: TaskSpec, source: FilesSource, data: DataConfig) -> Res
                     paths.append(str(Path(m).resolve()))
         files[split] = paths
         for path in paths:
-            if source.format in ("tsv", "csv", "jsonl"):
-                unusable = _decode_problem(spec, source, path) or _empty_problem(spec, source, path, split, entry.column_names)
+            text = source.format in ("tsv", "csv", "jsonl")
+            hashes[path], decodes = _scan(path, source.encoding if text else None)
+            if text:
+                unusable = ((None if decodes else _decode_problem(spec, source, path))
+                            or _empty_problem(spec, source, path, split, entry.column_names))
                 if unusable is not None:
                     problems.append(unusable)
                     continue
@@ -117,10 +121,7 @@ def _resolve_files(spec: TaskSpec, source: FilesSource, data: DataConfig) -> Res
     digest = hashlib.sha256()
     for split in sorted(files):
         for path in files[split]:
-            digest.update(f"{split}\0{os.path.relpath(path, root)}\0".encode())
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
+            digest.update(f"{split}\0{os.path.relpath(path, root)}\0{hashes[path]}\0".encode())
     split_of_path = {_norm(p): s for s, ps in files.items() for p in ps}
     layout = {"tsv": "lines", "jsonl": "lines", "text_folders": "text_folders"}.get(source.format, "table")
     normaliser = Normaliser(spec, source.columns, layout, source.format, split_of_path, names_of_path, header_of_path,
@@ -140,19 +141,30 @@ def _missing_fix(spec: TaskSpec, source: FilesSource) -> str:
     return f"fix the path under tasks.{spec.name}.define.files (relative paths start at the working directory)"
 
 
-def _decode_problem(spec: TaskSpec, source: FilesSource, path: str) -> Problem | None:
-    """A text file that does not decode with the task's encoding: the line and byte offset of the first
-    bad byte (Ray Data would otherwise fail mid-read with a bare UnicodeDecodeError)."""
+def _scan(path: str, encoding: str | None) -> tuple[str, bool]:
+    """One pass over a file's bytes: its sha256 (the cache key) and whether it decodes with `encoding`
+    (None: a binary format, not checked)."""
     import codecs
-    decoder = codecs.getincrementaldecoder(source.encoding)()
+    digest, decoder, decodes = hashlib.sha256(), codecs.getincrementaldecoder(encoding)() if encoding else None, True
     with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+            if decoder is not None and decodes:
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError:
+                    decodes = False
+    if decoder is not None and decodes:
         try:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                decoder.decode(chunk)
             decoder.decode(b"", final=True)
-            return None
         except UnicodeDecodeError:
-            pass
+            decodes = False
+    return digest.hexdigest(), decodes
+
+
+def _decode_problem(spec: TaskSpec, source: FilesSource, path: str) -> Problem:
+    """A text file that does not decode with the task's encoding (see _scan): the line and byte offset of the
+    first bad byte (Ray Data would otherwise fail mid-read with a bare UnicodeDecodeError)."""
     offset, number, start, bad = 0, 0, 0, b""  # the defaults: a multi-byte sequence cut at the end of the file
     with open(path, "rb") as fh:
         for number, line in enumerate(fh, 1):

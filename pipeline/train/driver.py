@@ -27,7 +27,7 @@ from pipeline.errors import PipelineError, Problem
 from pipeline.runtime import VERBOSE
 from pipeline.train.failure import (RunFailed, clear_failure, last_checkpoint_step, log_failure, resume_command,
                                     take_failure, what_died)
-from pipeline.train.mixing import normalise_weights, sampling_ratios
+from pipeline.train.mixing import Mixture, normalise_weights
 from pipeline.train.rundir import RUN_RECORD, RunDir
 from pipeline.tracking import TrainingRun, redact, tracking_uri
 
@@ -143,17 +143,22 @@ def _worker_env() -> dict | None:
     return {"env_vars": env} if env else None
 
 
-def _worker_job(cfg: Config, prepared: dict[str, PreparedTask], weights: dict[str, float], ratios: dict[str, float],
+def _worker_job(cfg: Config, prepared: dict[str, PreparedTask], weights: dict[str, float], train_rows: dict[str, int],
                 run_id: str | None, uri: str, run_dir: str, run_name: str):
     """What every worker gets (pipeline.train.loop.WorkerJob), the dev rows in Ray's object store."""
     import ray
 
     from pipeline.model.multitask import Head
     from pipeline.train.loop import WorkerJob
-    dev = {t: ray.put(dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.seed)) for t, p in prepared.items()}
-    return WorkerJob(config=cfg, tasks=tuple(prepared), weights=weights, ratios=ratios,
+    dev = {t: ray.put(dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.data.dev_seed)) for t, p in prepared.items()}
+    return WorkerJob(config=cfg, tasks=tuple(prepared), weights=weights, mixture=mixture(cfg, train_rows),
                      heads=tuple(Head(t, s.kind, s.num_labels) for t, s in cfg.task_specs().items()), run_id=run_id,
                      tracking_uri=uri, run_dir=run_dir, dev=dev, meta=model_metadata(cfg, run_name))
+
+
+def mixture(cfg: Config, train_rows: dict[str, int]) -> Mixture:
+    """The sampling ratios of every step, from `sampling` and the tasks' train rows (a fresh state)."""
+    return Mixture.from_config(cfg.sampling, train_rows, {t: cfg.tasks[t].ratio for t in train_rows}, cfg.train.steps)
 
 
 def _trainer(cfg: Config, job, run_name: str, datasets: dict, callbacks: list | None):
@@ -247,12 +252,11 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
         mlrun.finish(run_dir, log)
         return TrainResult(run_name, run_dir, mlrun.run_id, done["steps"], done["best_score"], done["dev_metrics"],
                            time.monotonic() - start, uri, task_steps=done["task_steps"])
-    prepared = prepare_tasks(cfg, log=log)
+    prepared = prepare_tasks(cfg, log=log, bar=progress and sys.stderr.isatty())
 
     train_rows = {t: min(p.rows("train"), cfg.tasks[t].max_rows.get("train", p.rows("train"))) for t, p in prepared.items()}
     weights = normalise_weights({t: cfg.tasks[t].weight for t in prepared})
-    ratios = sampling_ratios(cfg.sampling.strategy, train_rows, {t: cfg.tasks[t].ratio for t in prepared},
-                             cfg.sampling.temperature)
+    ratios = mixture(cfg, train_rows).ratios(0)  # at the first step (annealed and online ratios move from there)
     log("tasks: " + ", ".join(f"{t} (rows {train_rows[t]:,}, weight {weights[t]:.3g}, ratio {ratios[t]:.3f})"
                               for t in prepared))
 
@@ -272,7 +276,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
 
     datasets = {t: p.materialized("train", **train_split_args(cfg, t, p), workers=cfg.train.num_workers,
                                   pass_bytes=PASS_BYTES) for t, p in prepared.items()}
-    job = _worker_job(cfg, prepared, weights, ratios, run_id, uri, run_dir, run_name)
+    job = _worker_job(cfg, prepared, weights, train_rows, run_id, uri, run_dir, run_name)
     view = None
     if progress:
         from pipeline.train.progress import ProgressView

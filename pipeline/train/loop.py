@@ -33,7 +33,7 @@ from pipeline.model.summarize import PromptFormat, Seq2SeqFormat, pad, summary_f
 from pipeline.train.checkpoints import choose, dir_name, write_manifest
 from pipeline.train.memory import model_state_bytes, peak_rss_bytes
 from pipeline.runtime import quiet_libraries
-from pipeline.train.mixing import TaskSampler
+from pipeline.train.mixing import Mixture, TaskSampler
 from pipeline.train.rundir import BEST_MODEL, CHECKPOINT_META, DS_TAG, FINAL_MODEL
 from pipeline.tracking import RunLogger
 from pipeline.train.weighting import make_weighting
@@ -202,7 +202,7 @@ class WorkerJob:
     config: Config
     tasks: tuple[str, ...]
     weights: dict[str, float]  # normalised to sum to the number of tasks
-    ratios: dict[str, float]  # normalised to sum to 1
+    mixture: Mixture  # the sampling ratios at every step (fresh: every rank moves its copy identically)
     heads: tuple[Head, ...]
     run_id: str | None  # the MLflow run the driver owns; rank 0 logs into it
     tracking_uri: str
@@ -341,6 +341,7 @@ def save_checkpoint(engine, state: TrainState, sampler: TaskSampler, weighting, 
     write_manifest(folder, rank)  # last: what this rank wrote, checked before any resume loads it
     report = {"step": state.step, "best_score": state.best_score, **{f"steps/{t}": c for t, c in sampler.counts.items()},
               **{f"weight/{t}": w for t, w in weighting.weights().items()},  # Tune's TensorBoard files show them too
+              **{f"ratio/{t}": r for t, r in sampler.ratios().items()},
               **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
     if tracker is not None:
         tracker.flush_or_spool()
@@ -350,110 +351,134 @@ def save_checkpoint(engine, state: TrainState, sampler: TaskSampler, weighting, 
     shutil.rmtree(folder, ignore_errors=True)
 
 
+class Worker:
+    """One rank's set-up (engine, data iterators, restored state, MLflow logger, dev evaluation) and the parts
+    of a step the loop calls by name. Every method that holds a collective runs on every rank at the same step."""
+
+    def __init__(self, job: WorkerJob):
+        import ray.train
+        self.job, self.cfg, self.train = job, job.config, job.config.train
+        train = self.train
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if train.use_gpu else "cpu")  # no detection warning per worker
+        quiet_libraries()
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.manual_seed(self.cfg.seed)
+        self.tokenizer = load_tokenizer(self.cfg.model.name)
+        self.model, self.engine, self.optimizer, self.weighting, self.shared = build_engine(self.cfg, job, self.world)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]  # per group: head multipliers stay applied
+        self.schedule = lr_lambda(train.schedule, train.warmup_steps, train.steps)
+        self.sampler = TaskSampler(job.mixture, self.cfg.seed)
+        self.state = restore(self.engine, self.sampler, self.weighting, self.rank, job.run_id, job.progress)
+        self.tracker = RunLogger(job.tracking_uri, self.state.run_id, job.run_dir) if self.rank == 0 else None
+        if self.tracker is not None and self.state.warnings:  # a checkpoint fallback stays visible on the run
+            self.tracker.set_tag("mtl.resume_warning", " | ".join(self.state.warnings)[:5000])
+        self.evaluation = DevEvaluation(self.cfg, job, self.engine, self.model, self.tokenizer, self.rank, self.world)
+        self.iters = {t: batches_forever(ray.train.get_dataset_shard(t), train.batch_size, self.tokenizer.pad_token_id,
+                                         self.cfg.seed + self.rank, self.evaluation.prompts.get(t),
+                                         skip=self.sampler.counts[t] * train.grad_accum) for t in job.tasks}
+        self.profiler = Profiler(self.engine, self.iters) if train.profile else None
+        self.deadline = time.monotonic() + 60 * train.max_minutes if train.max_minutes else None
+        self.memory: dict[str, float] = {}  # what this rank holds (params, grads, optimizer), counted once
+        self.window = Window(list(job.tasks), self.profiler)  # the log interval's losses and timings
+
+    def step(self, task: str) -> bool:
+        """One optimizer step of `task` at the scheduled lr; True when it was the last one."""
+        train, state = self.train, self.state
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * self.schedule(state.step)
+        if train.clip_grad > 0:  # clip the task's own gradient: a fixed threshold would cancel its weight
+            set_clip(self.engine, self.optimizer, train.clip_grad * self.weighting.grad_scale(task))
+        losses, tokens, samples = train_step(self.engine, self.iters[task], task, self.weighting, train.grad_accum,
+                                             at_boundary=lambda: self.at_boundary(task))
+        if train.zero_stage == 3:
+            clear_stale_grads(self.optimizer)
+        state.step += 1
+        self.window.add(task, losses, tokens, samples)
+        if self.weighting.needs_losses or self.sampler.mixture.needs_losses:
+            loss = mean_over_ranks(losses, self.world)  # the same value on every rank: the same weights and ratios
+            self.weighting.observe_loss(task, loss, state.step)
+            self.sampler.mixture.observe(task, loss)
+        return state.step == train.steps or out_of_time(self.deadline)
+
+    def at_boundary(self, task: str) -> None:
+        """After the step's last backward, while the reduced gradients exist."""
+        if self.weighting.needs_grads:  # collective at ZeRO 1-3: every rank, same parameters, same order
+            self.weighting.observe_grad(task, shared_gradient(self.shared))
+        if not self.memory and self.state.step >= min(2, self.train.steps - 1):
+            with self.window.pause():
+                self.memory.update({k: float(v) for k, v in model_state_bytes(self.model, self.optimizer).items()})
+
+    def log(self) -> dict[str, float]:
+        """The interval's training metrics (collective); rank 0 sends them to the progress view. Starts a new interval."""
+        metrics = self.window.metrics(self.weighting, self.sampler, self.optimizer.param_groups[0]["lr"])
+        self.window = Window(list(self.job.tasks), self.profiler)
+        if self.rank == 0:
+            hidden = ("steps/", "weight/") if self.weighting.method == "static" else ("steps/",)
+            send(self.job.progress, "step", {"step": self.state.step, "total": self.train.steps,
+                                             "metrics": {k: v for k, v in metrics.items() if not k.startswith(hidden)}})
+        return metrics
+
+    def record(self, metrics: dict[str, float], checkpoint: bool) -> None:
+        """Metrics to MLflow (rank 0), then the checkpoint when one is due."""
+        if self.tracker is not None and metrics:
+            self.tracker.log_metrics(metrics, self.state.step)
+        if checkpoint:
+            save_checkpoint(self.engine, self.state, self.sampler, self.weighting, metrics, self.rank, self.world,
+                            self.tracker)
+
+    def failed(self, err) -> None:
+        """A metric raised at an evaluation: every rank stops here alike; rank 0 tells the driver and MLflow."""
+        from pipeline.train.failure import write_failure
+        if self.rank == 0:
+            step = self.state.step
+            shout(f"evaluation at step {step} failed: {err}; the checkpoint of step {step} is kept")
+            write_failure(self.job.run_dir, {"step": step, "task": err.task, "metric": err.metric, "error": err.error})
+            if self.tracker is not None:
+                self.tracker.flush_or_spool()
+
+    def finish(self) -> None:
+        """Memory report, then `final_model/` with the engine's own dev predictions of the last step (a reloaded
+        copy is checked against them)."""
+        from pipeline.train.artifacts import publish_model
+        log_memory(self.model, self.memory, self.world, self.tracker, self.state.step)
+        publish_model(self.engine, self.model, self.tokenizer, self.job.run_dir, FINAL_MODEL, self.rank,
+                      {"step": self.state.step, "run_id": self.state.run_id, **self.job.meta},
+                      files={"dev_predictions.json": {t: {"predictions": p, "references": r}
+                                                      for t, (p, r) in self.evaluation.last.items()}})
+        if self.tracker is not None:
+            self.tracker.flush_or_spool()
+
+
 def train_fn_per_worker(config: dict[str, Any]) -> None:
-    """Set up (engine, data, state), then a loop of step -> log -> evaluate -> checkpoint, then the final model."""
-    import ray.train
-
+    """Set up, then a loop of step -> log -> evaluate -> checkpoint, then the final model."""
     from pipeline.eval.metrics import MetricFailed
-    from pipeline.train.artifacts import publish_model
-    from pipeline.train.failure import write_failure
 
-    job: WorkerJob = config["job"]
-    cfg, train = job.config, job.config.train
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if train.use_gpu else "cpu")  # no detection warning per worker
-    quiet_libraries()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model.name)
-    model, engine, optimizer, weighting, shared = build_engine(cfg, job, world)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]  # per group: head multipliers stay applied
-    schedule = lr_lambda(train.schedule, train.warmup_steps, train.steps)
-    sampler = TaskSampler(job.ratios, cfg.seed)
-    state = restore(engine, sampler, weighting, rank, job.run_id, job.progress)
-    tracker = RunLogger(job.tracking_uri, state.run_id, job.run_dir) if rank == 0 else None
-    if tracker is not None and state.warnings:  # a checkpoint fallback stays visible on the run, not only in a log
-        tracker.set_tag("mtl.resume_warning", " | ".join(state.warnings)[:5000])
-    evaluation = DevEvaluation(cfg, job, engine, model, tokenizer, rank, world)
-    iters = {t: batches_forever(ray.train.get_dataset_shard(t), train.batch_size, tokenizer.pad_token_id, cfg.seed + rank,
-                                evaluation.prompts.get(t), skip=sampler.counts[t] * train.grad_accum) for t in job.tasks}
-    profiler = Profiler(engine, iters) if train.profile else None
-    deadline = time.monotonic() + 60 * train.max_minutes if train.max_minutes else None
-    memory: dict[str, float] = {}  # what this rank holds (params, grads, optimizer), counted once after a backward
-
-    def at_boundary(task: str) -> None:
-        if weighting.needs_grads:  # collective at ZeRO 1-3: every rank, same parameters, same order
-            weighting.observe_grad(task, shared_gradient(shared))
-        if not memory and state.step >= min(2, train.steps - 1):
-            with window.pause():
-                memory.update({k: float(v) for k, v in model_state_bytes(model, optimizer).items()})
-
-    def failed(err: MetricFailed) -> None:  # every rank stops here alike; rank 0 tells the driver and MLflow
-        if rank == 0:
-            shout(f"evaluation at step {state.step} failed: {err}; the checkpoint of step {state.step} is kept")
-            write_failure(job.run_dir, {"step": state.step, "task": err.task, "metric": err.metric, "error": err.error})
-            if tracker is not None:
-                tracker.flush_or_spool()
-
-    window, failure = Window(list(job.tasks), profiler), None
+    w = Worker(config["job"])
+    state, train = w.state, w.train
     if state.pending_eval:  # the evaluation the checkpoint's step could not finish comes first, then a clean checkpoint
         try:
-            evaluated = evaluation(state)
+            metrics = w.evaluation(state)
         except MetricFailed as err:
-            return failed(err)
+            return w.failed(err)
         state.pending_eval = False
-        if tracker is not None:
-            tracker.log_metrics(evaluated, state.step)
-        save_checkpoint(engine, state, sampler, weighting, evaluated, rank, world, tracker)
+        w.record(metrics, checkpoint=True)
 
-    engine.train()
-    last = state.step >= train.steps
+    w.engine.train()
+    last, failure = state.step >= train.steps, None
     while not last and failure is None:
-        task = sampler.next()
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * schedule(state.step)
-        if train.clip_grad > 0:  # clip the task's own gradient: a fixed threshold would cancel its weight
-            set_clip(engine, optimizer, train.clip_grad * weighting.grad_scale(task))
-        losses, tokens, samples = train_step(engine, iters[task], task, weighting, train.grad_accum,
-                                             at_boundary=lambda: at_boundary(task))
-        if train.zero_stage == 3:
-            clear_stale_grads(optimizer)
-        state.step += 1
-        window.add(task, losses, tokens, samples)
-        if weighting.needs_losses:  # the same value on every rank, so every rank computes the same weights
-            weighting.observe_loss(task, mean_over_ranks(losses, world), state.step)
-        last = state.step == train.steps or out_of_time(deadline)
-
-        metrics: dict[str, float] = {}
-        if state.step % train.log_every == 0 or last:
-            metrics = window.metrics(weighting, sampler, optimizer.param_groups[0]["lr"])
-            window = Window(list(job.tasks), profiler)
-            if rank == 0:
-                shown = {k: v for k, v in metrics.items()
-                         if not k.startswith(("steps/", "weight/") if weighting.method == "static" else ("steps/",))}
-                send(job.progress, "step", {"step": state.step, "total": train.steps, "metrics": shown})
-        with window.pause():
+        last = w.step(w.sampler.next())
+        metrics = w.log() if state.step % train.log_every == 0 or last else {}
+        with w.window.pause():
             if state.step % train.eval_every == 0 or last:
                 try:
-                    metrics.update(evaluation(state))
+                    metrics.update(w.evaluation(state))
                 except MetricFailed as err:  # training is kept: this step is checkpointed, its evaluation pending
                     state.pending_eval, failure = True, err
-            if tracker is not None and metrics:
-                tracker.log_metrics(metrics, state.step)
-            if state.step % train.checkpoint_every == 0 or last or failure is not None:
-                save_checkpoint(engine, state, sampler, weighting, metrics, rank, world, tracker)
+            w.record(metrics, checkpoint=state.step % train.checkpoint_every == 0 or last or failure is not None)
     if failure is not None:
-        return failed(failure)
-
-    log_memory(model, memory, world, tracker, state.step)
-    # The engine's own predictions on the dev rows at the last step travel with the model, so a reloaded copy
-    # can be checked against them.
-    publish_model(engine, model, tokenizer, job.run_dir, FINAL_MODEL, rank, {"step": state.step, "run_id": state.run_id,
-                                                                                 **job.meta},
-                  files={"dev_predictions.json": {t: {"predictions": p, "references": r}
-                                                  for t, (p, r) in evaluation.last.items()}})
-    if tracker is not None:
-        tracker.flush_or_spool()
+        return w.failed(failure)
+    w.finish()
 
 
 def log_memory(model, memory: dict[str, float], world: int, tracker, step: int) -> None:

@@ -34,10 +34,20 @@ gradcos      The paper's gradient-cosine adjustment: per task an EMA of its grad
              Tasks agreeing with the common direction weigh up to twice as much as orthogonal ones;
              conflicting ones (cosine near -1) down to `eps`. Static weights until every task with a
              positive weight has been seen. Options `beta`, `eps`.
+famo         FAMO, Liu et al. 2023 (loss-only, O(1) per step): logits ξ with z = softmax(ξ), started at
+             z = w0/T (zero-weight tasks stay at 0). The model descends Σ_t z_t · log L_t, whose gradient
+             is Σ_t (z_t / L_t) ∇L_t, so w_t = T · (z_t / L_t) / Σ_s (z_s / L_s) with L_s each task's latest
+             rank-averaged loss (static weights until every weighted task has been seen). After a step of
+             task t, its log-loss improvement since its previous step δ_t = log L_t(before) − log L_t(now)
+             (0 for the other tasks) moves ξ by Adam (option `lr`) on the gradient J_zᵀ δ + decay · (ξ − ξ0),
+             J_z the softmax Jacobian: tasks improving fastest lose weight, the slowest gain it, and
+             `decay` pulls the logits back toward the prior. (One task per step, so δ is per task, not per
+             step of every task as in the paper.)
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Mapping, Protocol
 
@@ -85,6 +95,8 @@ def make_weighting(method: str, tasks: list[str], static_weights: Mapping[str, f
         return DynamicWeightAverage(prior, temperature=opts["temperature"], window=int(opts["window"]))
     if method == "gradcos":
         return GradientCosine(prior, beta=opts["beta"], eps=opts["eps"])
+    if method == "famo":
+        return FastAdaptiveWeighting(prior, lr=opts["lr"], decay=opts["decay"])
     return StaticWeighting(prior)
 
 
@@ -260,3 +272,54 @@ class GradientCosine(_CurrentWeights):
         _check_state(self, state)
         self.ema = {t: g.clone() for t, g in state["ema"].items()}
         self.current = dict(state["current"])
+
+
+class FastAdaptiveWeighting(_CurrentWeights):
+    method, needs_losses, needs_grads = "famo", True, False
+
+    def __init__(self, prior: dict[str, float], lr: float, decay: float):
+        self.prior, self.decay = prior, decay
+        self.active = [t for t, w in prior.items() if w > 0]
+        start = torch.tensor([math.log(prior[t] / len(prior)) for t in self.active], dtype=torch.float64)
+        self.logits = nn.Parameter(start.clone())
+        self.start = start
+        self.optimizer = torch.optim.Adam([self.logits], lr=lr)
+        self.log_loss: dict[str, float] = {}  # each task's latest log-loss
+        self.current = dict(prior)
+
+    def z(self) -> dict[str, float]:
+        return dict(zip(self.active, torch.softmax(self.logits.detach(), 0).tolist()))
+
+    def observe_loss(self, task: str, loss_value: float, step: int) -> None:
+        if task not in self.active:
+            return
+        now = math.log(max(loss_value, 1e-8))
+        before = self.log_loss.get(task)
+        self.log_loss[task] = now
+        if before is not None:
+            delta = torch.zeros(len(self.active), dtype=torch.float64)
+            delta[self.active.index(task)] = before - now
+            z = torch.softmax(self.logits.detach(), 0)
+            jacobian_t_delta = z * (delta - (z * delta).sum())  # J_zᵀ δ, J_z = diag(z) − z zᵀ
+            self.optimizer.zero_grad()
+            self.logits.grad = jacobian_t_delta + self.decay * (self.logits.detach() - self.start)
+            self.optimizer.step()
+        if all(t in self.log_loss for t in self.active):
+            z = self.z()
+            self.current = normalise_weights({t: (z[t] / math.exp(self.log_loss[t]) if t in z else 0.0)
+                                              for t in self.prior})
+
+    def observe_grad(self, task: str, flat_grad: torch.Tensor) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"method": self.method, "tasks": list(self.prior), "logits": self.logits.detach().clone(),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),  # a snapshot, not Adam's live tensors
+                "log_loss": dict(self.log_loss), "current": dict(self.current)}
+
+    def load_state_dict(self, state: dict) -> None:
+        _check_state(self, state)
+        with torch.no_grad():
+            self.logits.copy_(state["logits"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.log_loss, self.current = dict(state["log_loss"]), dict(state["current"])

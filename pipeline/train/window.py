@@ -65,6 +65,7 @@ class Window:
         out["loss/total"] = float(np.mean([weighting.weight(t) * v for t, v in losses.items()]))
         out.update({f"weight/{t}": w for t, w in weighting.weights().items()})
         out.update({f"steps/{t}": float(c) for t, c in sampler.counts.items()})  # steps drawn so far
+        out.update({f"ratio/{t}": r for t, r in sampler.ratios().items()})  # the latest draw's ratios
         out.update({"lr": lr, "tokens_per_s": counts[0].item() / seconds, "samples_per_s": counts[1].item() / seconds})
         profiler = self.profiler
         if profiler is not None:  # rank 0's view; the phases and "other" add up to the window
