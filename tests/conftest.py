@@ -69,8 +69,9 @@ TINY_TASKS = ("{rotten_tomatoes: {max_rows: {train: 256, validation: 50}}, bbc_n
 
 @pytest.fixture(scope="session")
 def zero3_run(tmp_path_factory, cache_dir, ray_session):
-    """One tiny ZeRO-3 run on 2 workers (two classification tasks and XSum) with MLflow tracking,
-    shared by the export, evaluation and registry tests: (config, TrainResult, its temp folder)."""
+    """One tiny ZeRO-3 run on 2 workers (two classification tasks and XSum) with MLflow tracking and the
+    paper's gradcos weighting, shared by the export, evaluation and registry tests and by the check that
+    gradcos reads ZeRO-3's partitioned gradients through the loop: (config, TrainResult, its temp folder)."""
     from pipeline.config import load_config
     from pipeline.train.driver import train_driver
 
@@ -79,5 +80,6 @@ def zero3_run(tmp_path_factory, cache_dir, ray_session):
         "name=x", "model.name=tiny-bert", "model.max_target_length=16", f"tasks={TINY_TASKS}",
         "train.num_workers=2", "train.cpus_per_worker=0.5", "train.zero_stage=3", "train.steps=10",
         "train.eval_every=10", "train.checkpoint_every=10", "train.lr=2e-3", "train.eval_batch_size=16",
+        "train.weighting=gradcos", "train.log_every=2",
         f"train.storage_path={tmp / 'runs'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"data.cache_dir={cache_dir}"])
     return cfg, train_driver(cfg, log=lambda _: None), tmp
