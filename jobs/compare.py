@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from pipeline.errors import exits_on_bad_input  # noqa: E402
 from pipeline.runtime import job_parser, output_dir  # noqa: E402
 
-BUDGETS = {"small": "jobs/configs/compare_small.yaml"}
-SEEDS = {"small": 3}  # a budget's default --seeds
+BUDGETS = {"small": "jobs/configs/compare_small.yaml", "paper": "jobs/configs/compare_paper.yaml"}
+SEEDS = {"small": 3, "paper": 1}  # a budget's default --seeds (paper: about 4 hours per seed on 2 CPU cores)
 
 
 def positive(text: str) -> int:
