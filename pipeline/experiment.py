@@ -264,6 +264,7 @@ def confirm(spec, base, rows: list[dict], parent_run_id: str | None, log=print) 
     configs, scores, runs = {}, {}, {}
     for label, params in candidates.items():
         raw = config_to_dict(trial_config(base, params, spec))
+        raw["train"].update(eval_every=base.train.eval_every, checkpoint_every=base.train.checkpoint_every)  # not Tune's cadence
         apply_overrides(raw, c.overrides)
         configs[label] = Config.model_validate(raw)
         for seed in seeds:
