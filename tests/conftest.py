@@ -10,12 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GLUE_DIR = ROOT.parent / "shared" / "data" / "glue"
 
-# Set before the session's Ray starts (its processes inherit them): the jobs' local settings, and Ray Train's
-# controller polling its workers every 0.5 s instead of 2 s, so that a short test run is noticed as finished
-# sooner (dozens of runs in a session).
+# The jobs' local Ray settings, set before the session's Ray starts (its processes inherit them).
 from pipeline.runtime import LOCAL_ENV  # noqa: E402
 
-for _key, _value in {**LOCAL_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}.items():
+for _key, _value in LOCAL_ENV.items():
     os.environ.setdefault(_key, _value)
 
 
