@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import mlflow_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -33,7 +34,7 @@ def workspace(tmp_path_factory):
     ws = tmp_path_factory.mktemp("workspace")
     base = [f"tasks={TASKS}", "name=ws", "model.name=tiny-bert", "train.num_workers=1", "train.cpus_per_worker=1",
             "train.steps=4", "train.eval_every=4", "train.checkpoint_every=4", "train.batch_size=8",
-            f"train.storage_path={ws / 'runs'}", f"tracking.uri=sqlite:///{ws / 'mlflow.db'}",
+            f"train.storage_path={ws / 'runs'}", f"tracking.uri={mlflow_uri(ws)}",
             f"data.cache_dir={ws / 'cache'}"]
     (ws / "base.yaml").write_text("name: ws\n")
     assert train.main(["--config", str(ws / "base.yaml"), *base]) == 0
@@ -41,7 +42,7 @@ def workspace(tmp_path_factory):
     run = next((ws / "runs").glob("ws-*/run.json")).parent
     saved = os.environ.get("MLFLOW_TRACKING_URI")  # the register job sets it (mlflow.set_tracking_uri)
     assert register.main(["--run", str(run), "--name", MODEL, "--alias", "champion",
-                          "--tracking-uri", f"sqlite:///{ws / 'mlflow.db'}"]) == 0
+                          "--tracking-uri", f"{mlflow_uri(ws)}"]) == 0
     if saved is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
@@ -55,7 +56,7 @@ def _state(ws: Path) -> dict:
     from mlflow.tracking import MlflowClient
     files = {str(p.relative_to(ws)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ws.rglob("*"))
              if p.is_file() and not p.name.startswith("mlflow.db")}
-    client = MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    client = MlflowClient(f"{mlflow_uri(ws)}")
     runs = {}
     for exp in client.search_experiments():
         for r in client.search_runs([exp.experiment_id]):
@@ -133,7 +134,7 @@ CASES = {
     "tracking_required_unreachable": ("train", lambda w, t: (["tracking.uri=http://127.0.0.1:9", "tracking.required=true"], {}),
                                       "tracking.uri", "tracking.required=false"),
     "registry_alias_missing_version": ("register", lambda w, t: (["--name", MODEL, "--promote", "9", "--tracking-uri",
-                                                                  f"sqlite:///{w / 'mlflow.db'}"], {}), "--promote", ""),
+                                                                  f"{mlflow_uri(w)}"], {}), "--promote", ""),
     "unsafe_yaml_tag": ("train", lambda w, t: (["--config", str(t / "c.yaml")],
                                                {"c.yaml": f"name: !!python/object/apply:os.system ['touch {t / 'pwned'}']\n"}),
                         "c.yaml:", "plain YAML value"),
@@ -257,7 +258,7 @@ def test_inputs_that_must_work_preprocess_as_written_and_train(tmp_path):
     argv = ["tasks={" + ", ".join(tasks.values()) + "}", "name=works", "model.name=tiny-bert", "train.num_workers=1",
             "train.cpus_per_worker=1", f"train.steps={steps}", f"train.eval_every={steps}", f"train.checkpoint_every={steps}",
             "train.batch_size=8", "train.log_every=1", "train.warmup_steps=0", "sampling.strategy=proportional",
-            f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri={mlflow_uri(tmp_path)}",
             f"data.cache_dir={tmp_path / 'cache'}"]
     assert train.main(argv) == 0
 

@@ -1,5 +1,6 @@
 """The cluster path end to end: `cluster/local/start.sh` (a real Ray head and MLflow server on 127.0.0.1),
-`ray job submit` of the train and evaluate jobs exactly as the README shows, the run found through the
+`ray job submit` of the train job exactly as the README shows (in its --smoke form: the main job's CI
+check) and of the evaluate job, the run found through the
 MLflow server's REST API with its metrics and model artifact, then `stop.sh` and nothing left running.
 
 Isolated from the test session's own Ray (two Ray instances on one machine confuse Ray Train's
@@ -112,18 +113,14 @@ def test_jobs_submitted_to_the_local_cluster_track_into_the_mlflow_server(local_
 
     storage = f"file://{tmp / 'store'}"  # run storage through a pyarrow filesystem URI
     submission = f"cluster-it-{uuid.uuid4().hex[:6]}"
+    # The README's cluster command on the main job, in its CI form (--smoke: real MiniLM, three tasks, 8 steps).
     train = _run([str(BIN / "ray"), "job", "submit", "--address", local_cluster["dashboard"], "--submission-id", submission,
                   "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
-                  "python", "jobs/train.py", "--config", "jobs/configs/default.yaml",
-                  "name=cluster-it", "model.name=tiny-bert",
-                  "tasks={rotten_tomatoes: {max_rows: {train: 128, validation: 32}}}",
-                  "train.num_workers=2", "train.cpus_per_worker=0.5", "train.steps=6", "train.eval_every=6",
-                  "train.checkpoint_every=3", "train.warmup_steps=0", "train.eval_batch_size=16",
-                  f"train.storage_path={storage}"], env, timeout=600)
+                  "python", "jobs/train.py", "--config", "jobs/configs/default.yaml", "--smoke",
+                  "name=cluster-it", "train.cpus_per_worker=0.5", f"train.storage_path={storage}"], env, timeout=600)
     job = _run([str(BIN / "ray"), "job", "status", submission, "--address", local_cluster["dashboard"],
                 "--log-style", "record"], env)
     assert f"Job '{submission}' succeeded" in job.stdout + job.stderr, f"{train.stdout[-4000:]}\n{train.stderr[-2000:]}"
-
     # the run, its metrics and its model artifact, through the server's REST API
     api = local_cluster["mlflow"] + "/api/2.0/mlflow"
     experiment = _rest(api, "/experiments/get-by-name", {"experiment_name": "cluster-it"})["experiment"]
@@ -131,18 +128,26 @@ def test_jobs_submitted_to_the_local_cluster_track_into_the_mlflow_server(local_
     (run,) = [r for r in runs if r["info"]["run_name"].startswith("cluster-it-")]
     assert run["info"]["status"] == "FINISHED"
     run_id = run["info"]["run_id"]
+    assert f"MLflow run id: {run_id}" in train.stdout and "best dev score" in train.stdout, train.stdout[-3000:]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-    # accuracy over the 32 dev rows the job was given: a whole number of correct rows out of 32
+    # the dev table the job printed is the run's last evaluation, as the server holds it
+    table = train.stdout.split("metric")[-1]
+    rows = [l.split() for l in table.splitlines() if l.startswith(("rotten_tomatoes ", "bbc_news ", "xsum "))]
+    assert {r[0] for r in rows} == {"rotten_tomatoes", "bbc_news", "xsum"}, train.stdout[-3000:]
+    for task, metric, value in ((r[0], r[1], float(r[2])) for r in rows):
+        assert value == pytest.approx(metrics[f"dev/{task}/{metric}"], abs=5e-5), (task, metric, value)
+    # accuracy over the 32 dev rows --smoke gives each task: a whole number of correct rows out of 32
     correct = metrics["dev/rotten_tomatoes/accuracy"] * 32
-    assert abs(correct - round(correct)) < 1e-6 and metrics["steps/rotten_tomatoes"] == 6
-    history = _rest(api, "/metrics/get-history", {"run_id": run_id, "metric_key": "loss/rotten_tomatoes"})["metrics"]
-    assert [m["step"] for m in history] == [6]  # logged once (log_every 10 > steps), at the last step
+    assert abs(correct - round(correct)) < 1e-6
+    assert sum(metrics[f"steps/{t}"] for t in ("rotten_tomatoes", "bbc_news", "xsum")) == 8
+    history = _rest(api, "/metrics/get-history", {"run_id": run_id, "metric_key": "loss/total"})["metrics"]
+    assert sorted(m["step"] for m in history) == [4, 8]  # log_every 4
     files = {f["path"] for f in _rest(api, "/artifacts/list", {"run_id": run_id, "path": "model"})["files"]}
     assert {"model/mtl_model.json", "model/heads.safetensors", "model/backbone", "model/tokenizer"} <= files, files
     with urllib.request.urlopen(f"{local_cluster['mlflow']}/get-artifact?"
                                 + urllib.parse.urlencode({"path": "model/mtl_model.json", "run_uuid": run_id})) as r:
         meta = json.loads(r.read())
-    assert meta["run_name"] == run["info"]["run_name"] and "rotten_tomatoes" in meta["tasks"]
+    assert meta["run_name"] == run["info"]["run_name"] and {"rotten_tomatoes", "bbc_news", "xsum"} <= set(meta["tasks"])
 
     # artifacts live in the server's artifact store, not in the job's (temporary) working dir
     served = list((tmp / "cluster" / "mlflow" / "artifacts").rglob("mtl_model.json"))
@@ -154,7 +159,7 @@ def test_jobs_submitted_to_the_local_cluster_track_into_the_mlflow_server(local_
     # checkpoints and models in the configured storage URI
     run_dir = tmp / "store" / run["info"]["run_name"]
     assert (run_dir / "run.json").is_file() and (run_dir / "final_model" / "mtl_model.json").is_file()
-    assert len(list(run_dir.glob("step_*"))) == 2  # steps 3 and 6 (keep_checkpoints 2)
+    assert [p.name for p in run_dir.glob("step_*")] == ["step_0000008"]  # --smoke checkpoints at its last step
 
     # a second job on the same cluster: evaluate the run by name from the storage URI, recorded in MLflow
     evaluate = _run([str(BIN / "ray"), "job", "submit", "--address", local_cluster["dashboard"],

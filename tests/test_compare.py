@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from conftest import mlflow_uri
 
 from pipeline.compare import Row, loss_figure, merge_rows, run_bilstm, score, single_task_config, table_markdown, tuned_config
 from pipeline.config import load_config
@@ -67,7 +68,7 @@ def test_bilstm_row_on_real_data_is_tracked_with_a_loss_plot(cfg, tmp_path, ray_
     cfg = cfg.model_copy(update={"tasks": {"bbc_news": cfg.tasks["bbc_news"]}})
     prepared = prepare_tasks(cfg, log=lambda _: None)
     dev = dev_rows(prepared["bbc_news"], 228, cfg.data.dev_seed)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"{mlflow_uri(tmp_path)}"
     tracking = ComparisonTracking.open(uri, True, "compare-test")
     row = run_bilstm(cfg, prepared, "bbc_news", 30, dev, tracking)
     assert row.steps == 30 and set(row.metrics) == {"bbc_news"} and set(row.metrics["bbc_news"]) == {"accuracy", "macro_f1"}
@@ -102,7 +103,7 @@ def test_seeded_comparison_resumes_and_says_which_claims_hold(cfg, tmp_path, ray
     from pipeline.compare import BILSTM, MTL, SINGLE, run_comparison
     from pipeline.eval.stats import interval, paired
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"{mlflow_uri(tmp_path)}"
     cfg = load_config("jobs/configs/default.yaml", [f"data.cache_dir={cfg.data.cache_dir}", f"tracking.uri={uri}",
                                                     "tasks.rotten_tomatoes.max_rows.validation=100",
                                                     "tasks.bbc_news.max_rows.validation=60"])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import mlflow_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -22,7 +23,7 @@ def test_evaluate_job_reproduces_the_runs_dev_metrics_and_logs_them(zero3_run, t
     from mlflow import MlflowClient
 
     cfg, result, tmp = zero3_run
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = f"{mlflow_uri(tmp)}"
     assert job.main(["--model", result.run_dir, "--out", str(tmp_path / "out"), "--tracking-uri", uri]) == 0
     best = json.loads((Path(result.run_dir) / "best_model" / "mtl_model.json").read_text())
     payload = json.loads((tmp_path / "out" / "results.json").read_text())

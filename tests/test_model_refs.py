@@ -31,6 +31,11 @@ def test_smollm2_converts_once_from_the_packaged_gguf(tmp_path, monkeypatch, cap
     import json
 
     monkeypatch.setattr(refs, "HOME", tmp_path)
+    # tokenizing needs no weights: the tokenizer alone comes out of the GGUF without the model's conversion
+    alone = refs.resolve_model("smollm2-135m", weights=False)
+    assert alone.path is None and (alone.tokenizer_path / "tokenizer.json").is_file()
+    assert not (tmp_path / "models" / "smollm2-135m").exists() and "converting" not in capsys.readouterr().err
+    key = refs.tokenizer_fingerprint("smollm2-135m")
     ref = refs.resolve_model("smollm2-135m")
     assert ref.path == tmp_path / "models" / "smollm2-135m" and (ref.path / "model.safetensors").is_file()
     written = (ref.path / "model.safetensors").stat().st_mtime_ns
@@ -41,6 +46,9 @@ def test_smollm2_converts_once_from_the_packaged_gguf(tmp_path, monkeypatch, cap
     config = AutoConfig.from_pretrained(ref.path)
     assert config.model_type == "llama" and config.num_hidden_layers == 30 and config.hidden_size == 576
     assert len(AutoTokenizer.from_pretrained(ref.path)) == 49152
+    # after the conversion the tokenizer is read from the model's folder, with the same cache key
+    assert refs.resolve_model("smollm2-135m", weights=False).tokenizer_path == ref.path
+    assert refs.tokenizer_fingerprint("smollm2-135m") == key
     # dequantised weights: no GGUF quantization recorded, so models trained from it can be saved
     assert "quantization_config" not in json.loads((ref.path / "config.json").read_text())
     AutoModelForCausalLM.from_pretrained(ref.path).save_pretrained(tmp_path / "saved")

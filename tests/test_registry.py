@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import mlflow_uri
 
 from pipeline.data.preprocess import prepare_tasks
 
@@ -24,7 +25,7 @@ NAME = "mtl-tiny"
 
 def _register(result, tmp, *extra) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "jobs/register.py", "--run", result.run_dir, "--name", NAME,
-                           "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *extra],
+                           "--tracking-uri", f"{mlflow_uri(tmp)}", *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -54,7 +55,7 @@ def _dev_frame(cfg) -> tuple[list[dict], dict]:
 def test_aliases_move_between_versions(registered):
     from mlflow import MlflowClient
     _, result, tmp = registered
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = MlflowClient(f"{mlflow_uri(tmp)}")
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     challenger = client.get_model_version_by_alias(NAME, "challenger")
     assert str(challenger.version) == "2" and challenger.run_id == result.run_id
@@ -77,7 +78,7 @@ def test_champion_in_a_fresh_process_reproduces_the_run(registered):
     from pipeline.eval.metrics import task_metrics
     cfg, result, tmp = registered
     records, spans = _dev_frame(cfg)
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = f"{mlflow_uri(tmp)}"
     script = (
         "import json, sys, mlflow, pandas as pd\n"
         f"mlflow.set_tracking_uri({uri!r})\n"
@@ -102,7 +103,7 @@ def test_champion_in_a_fresh_process_reproduces_the_run(registered):
     assert shipped == sorted(INFERENCE_FILES) and not any(f.startswith(("train/", "benchmarks/", "baselines/")) for f in shipped)
 
     engine = json.loads((Path(result.run_dir) / "final_model" / "dev_predictions.json").read_text())
-    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = MlflowClient(f"{mlflow_uri(tmp)}")
     specs = cfg.task_specs()
     for task, logged in engine.items():
         preds = got[task]["summary"] if specs[task].kind == "summarization" else got[task]["label_id"]
@@ -123,7 +124,7 @@ def test_mlflow_models_serve_answers_a_rest_request(registered):
     _, result, tmp = registered
     port = _free_port()
     bindir = str(Path(sys.executable).parent)  # the server execs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"{mlflow_uri(tmp)}",
            "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],

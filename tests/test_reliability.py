@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import mlflow_uri
 
 from pipeline.config import load_config
 from pipeline.train.driver import train_driver
@@ -38,7 +39,7 @@ def _overrides(tmp: Path, cache_dir: Path, *extra: str) -> list[str]:
             "train.zero_stage=2", f"train.steps={STEPS}", "train.batch_size=16", "train.lr=2e-3", "train.log_every=1",
             "train.eval_every=8", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.keep_checkpoints=2",
             "train.max_failures=1", "train.warmup_steps=0", f"train.storage_path={tmp / 'runs'}",
-            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}", f"data.cache_dir={cache_dir}", *extra]
+            f"tracking.uri={mlflow_uri(tmp)}", f"data.cache_dir={cache_dir}", *extra]
 
 
 def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -241,7 +242,7 @@ def test_failing_metric_keeps_the_step_and_resume_evaluates_it_first(tmp_path, c
 def test_driver_killed_then_resume_continues_the_same_mlflow_run(tmp_path, cache_dir, reference, ray_session):
     ref_cfg, ref = reference
     overrides = _overrides(tmp_path, cache_dir)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"{mlflow_uri(tmp_path)}"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     (tmp_path / "rel.yaml").write_text("name: rel\n")  # everything else from the overrides, as in the reference
     cmd = [sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(tmp_path / "rel.yaml"), *overrides]
@@ -324,6 +325,48 @@ def _start_mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
     raise AssertionError("mlflow server did not start: " + (tmp / "mlflow-server.log").read_text()[-2000:])
 
 
+def test_metrics_of_an_outage_are_kept_spooled_and_replayed_in_order(tmp_path):
+    """What rank 0 does during a tracking outage, against a real `mlflow server` killed and started again:
+    logging never raises, what the server refuses is kept and then spooled to the run folder at a
+    checkpoint, and the driver's finish sends the spool: every step exactly once, spool gone. (The slow tier
+    runs the same outage through a whole training run: test_tracking_outage_loses_no_metrics.)"""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import SPOOL, RunLogger, TrainingRun
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_mlflow_server(tmp_path, port)
+    try:
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("outage")).info.run_id
+        logger = RunLogger(uri, run_id, str(tmp_path), retry_s=0.0)
+        for step in (1, 2, 3):
+            logger.log_metrics({"loss/total": step / 10}, step)
+        assert not logger.pending  # sent at once while the server answers
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        for step in (4, 5, 6):
+            logger.log_metrics({"loss/total": step / 10}, step)  # refused: kept, training goes on
+        assert [m.step for m in logger.pending] == [4, 5, 6] and logger.failures == 3
+        logger.flush_or_spool()  # a checkpoint during the outage: the kept metrics go to the run folder
+        spooled = [json.loads(line)["step"] for line in (tmp_path / SPOOL).read_text().splitlines()]
+        assert spooled == [4, 5, 6] and not logger.pending
+        logger.log_metrics({"loss/total": 0.7}, 7)  # still down: kept in memory
+        server = _start_mlflow_server(tmp_path, port)
+        logger.log_metrics({"loss/total": 0.8}, 8)  # back: 7 and 8 are sent, in order
+        assert not logger.pending and logger.failures == 0
+        TrainingRun(client, run_id).finish(str(tmp_path), log=lambda _: None)  # the driver sends the spool
+        assert not (tmp_path / SPOOL).exists()
+        history = _history(uri, run_id, "loss/total")
+        assert [s for s, _ in history] == list(range(1, 9)) and history[-1][1] == pytest.approx(0.8)
+        assert client.get_run(run_id).info.status == "FINISHED"
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+
+
+@pytest.mark.slow  # default tier: the outage's keep/spool/replay against a real server, without training (above)
 def test_tracking_outage_loses_no_metrics(tmp_path, cache_dir):
     """The MLflow server is killed after step 5 and started again once training has checkpointed step 20
     without it: training never stops, and every metric of the outage reaches the server afterwards."""

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import mlflow_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = [p for d in ("pipeline", "jobs", "cluster", "tests") for p in sorted((ROOT / d).rglob("*.py"))]
@@ -124,7 +125,7 @@ def test_a_secret_value_in_the_config_never_reaches_mlflow_files_or_output(tmp_p
     cfg = load_config(None, ["name=sec", "model.name=tiny-bert", f"tasks={task}", "train.num_workers=1",
                              "train.cpus_per_worker=1", "train.steps=2", "train.eval_every=2", "train.checkpoint_every=2",
                              "train.batch_size=8", f"train.storage_path={tmp_path / 'runs'}",
-                             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"data.cache_dir={cache_dir}"])
+                             f"tracking.uri={mlflow_uri(tmp_path)}", f"data.cache_dir={cache_dir}"])
     result = train_driver(cfg)  # logs to stdout, captured below
     assert result.steps == 2
 

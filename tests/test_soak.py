@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import mlflow_uri
 
 from pipeline.config import load_config
 from pipeline.train.driver import train_driver
@@ -133,7 +134,7 @@ def test_long_run_memory_has_no_growth_trend(tmp_path, cache_dir, ray_session):
         "train.cpus_per_worker=0.5", "train.zero_stage=2", "train.steps=1000000", f"train.max_minutes={minutes}",
         "train.batch_size=16", "train.log_every=20", "train.eval_every=100", "train.checkpoint_every=100",
         "train.keep_checkpoints=2", "train.eval_batch_size=16", f"train.storage_path={tmp_path / 'runs'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"data.cache_dir={cache_dir}"])
+        f"tracking.uri={mlflow_uri(tmp_path)}", f"data.cache_dir={cache_dir}"])
     samples: list = []
     stop = threading.Event()
     start = time.time()  # wall clock: the sample times line up with MLflow's metric timestamps

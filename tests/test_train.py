@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import mlflow_uri
 import torch
 
 from pipeline.config import load_config
@@ -28,7 +29,7 @@ def _cfg(tmp_path, cache_dir, *extra):
         "name=t", "model.name=tiny-bert", f"tasks={TASKS}", "sampling.strategy=temperature",
         "train.num_workers=2", "train.cpus_per_worker=0.5", "train.steps=30", "train.batch_size=16", "train.lr=2e-3",
         "train.log_every=3", "train.eval_every=15", "train.checkpoint_every=10", "train.keep_checkpoints=2",
-        f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri={mlflow_uri(tmp_path)}",
         f"data.cache_dir={cache_dir}", *extra])
 
 
@@ -146,32 +147,12 @@ def test_unreachable_optional_tracking_warns_and_trains(tmp_path, cache_dir, cap
     assert (Path(result.run_dir) / "final_model" / "mtl_model.json").is_file()
 
 
-def test_readme_main_job_smoke_form(ray_session, tmp_path, cache_dir):
-    """`make run` is jobs/train.py on the default config; its CI form is --smoke (real MiniLM)."""
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "jobs/train.py", "--config", "jobs/configs/default.yaml", "--smoke",
-           f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-           f"data.cache_dir={cache_dir}", "train.cpus_per_worker=0.5"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "MLflow run id: " in out.stdout and "best dev score" in out.stdout
-    run_id = out.stdout.split("MLflow run id: ")[1].split()[0]
-    table = out.stdout.split("metric")[-1]
-    rows = [l.split() for l in table.splitlines() if l.startswith(("rotten_tomatoes ", "bbc_news ", "xsum "))]
-    assert {r[0] for r in rows} == {"rotten_tomatoes", "bbc_news", "xsum"}, out.stdout[-3000:]
-    # the printed dev table is the run's last evaluation, as MLflow holds it
-    from mlflow.tracking import MlflowClient
-    logged = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.metrics
-    for task, metric, value in ((r[0], r[1], float(r[2])) for r in rows):
-        assert value == pytest.approx(logged[f"dev/{task}/{metric}"], abs=5e-5), (task, metric, value)
-
-
 @pytest.mark.slow  # a benchmark's own check; benchmarks are run by hand (jobs/benchmark.py) and their results committed
 def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, "jobs/benchmark.py", "train", "--config", "jobs/configs/bench_train.yaml", "--out", str(tmp_path),
            "--stages", "2", "--workers", "2", "model.name=tiny-bert", "train.steps=12", "train.log_every=2",
-           "train.warmup_steps=0", f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+           "train.warmup_steps=0", f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri={mlflow_uri(tmp_path)}",
            f"data.cache_dir={cache_dir}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -199,11 +180,15 @@ def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
 @pytest.mark.parametrize("backbone", [pytest.param("tiny-llama", marks=pytest.mark.slow), "tiny-bert"])
 def test_two_classification_tasks_and_xsum_all_learn(tmp_path, cache_dir, backbone):
     """Causal LM: summary through the LM head. Encoder: a task decoder with cross-attention. Two workers at
-    ZeRO-2: every task's loss falls, every head moves, checkpoints rotate, MLflow holds the run and the model."""
-    tasks = ("{rotten_tomatoes: {ratio: 1, max_rows: {train: 512, validation: 32}}, "
-             "bbc_news: {ratio: 1, max_rows: {train: 512, validation: 32}}, "
-             "xsum: {ratio: 1, max_rows: {train: 512, validation: 16}}}")
-    cfg = _cfg(tmp_path, cache_dir, f"model.name={backbone}", f"tasks={tasks}", "sampling.strategy=explicit",
+    ZeRO-2: every task's loss falls, every head moves, checkpoints rotate, MLflow holds the run and the model.
+    Trained with FAMO weights and annealed + online sampling: weights and ratios move, both logged at every
+    log step (weights sum to T, ratios to 1), and every rank drew the same tasks (else the collectives hang)."""
+    tasks = ("{rotten_tomatoes: {max_rows: {train: 512, validation: 32}}, "
+             "bbc_news: {max_rows: {train: 256, validation: 32}}, "
+             "xsum: {max_rows: {train: 512, validation: 16}}}")
+    cfg = _cfg(tmp_path, cache_dir, f"model.name={backbone}", f"tasks={tasks}", "sampling.strategy=annealed",
+               "sampling.anneal_floor=0.0", "sampling.online=true", "sampling.online_eta=1.0",
+               "train.weighting=famo", "train.weighting_options={lr: 0.2}",
                "model.max_target_length=24", "train.zero_stage=2", "train.steps=60", "train.log_every=3",
                "train.eval_every=30", "train.checkpoint_every=20", "train.lr=3e-3")
     result = train_driver(cfg, log=lambda _: None)
@@ -213,6 +198,14 @@ def test_two_classification_tasks_and_xsum_all_learn(tmp_path, cache_dir, backbo
         third = len(losses) // 3
         assert sum(losses[-third:]) / third < sum(losses[:third]) / third, (task, losses)
     assert set(result.dev_metrics["xsum"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    tasks3 = ("rotten_tomatoes", "bbc_news", "xsum")
+    weights = {t: dict(_history(cfg, result.run_id, f"weight/{t}")) for t in tasks3}
+    ratios = {t: dict(_history(cfg, result.run_id, f"ratio/{t}")) for t in tasks3}
+    for step in range(3, 61, 3):  # both logged at every log step: FAMO's weights sum to T = 3, the ratios to 1
+        assert sum(weights[t][step] for t in tasks3) == pytest.approx(3.0), (step, weights)
+        assert sum(ratios[t][step] for t in tasks3) == pytest.approx(1.0), (step, ratios)
+    assert any(abs(v - 1.0) > 1e-3 for t in tasks3 for v in weights[t].values()), weights  # FAMO moved them
+    assert len({round(v, 6) for v in ratios["bbc_news"].values()}) > 3, ratios  # annealed + online moved them
 
     # Every classification head moved away from its initialisation: each received gradient.
     trained, _, meta = MultiTaskModel.load(Path(result.run_dir) / "final_model")

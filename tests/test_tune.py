@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import mlflow_uri
 import yaml
 
 from pipeline.config import load_config
@@ -130,7 +131,7 @@ def test_two_trial_experiment_tracks_parent_and_children_and_writes_the_best_con
     for t in trials:
         assert sum(t["weights"].values()) == pytest.approx(2.0, abs=1e-4)
         assert sum(t["ratios"].values()) == pytest.approx(1.0, abs=1e-4)
-    client, children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}", summary["parent_run_id"])
+    client, children = _children(f"{mlflow_uri(tmp_path)}", summary["parent_run_id"])
     assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert all({"dev/score", "loss/total"} <= set(c.data.metrics) and "weight.bbc_news" in c.data.params for c in children)
     best = next(t for t in trials if t["trial"] == summary["best_trial"])
@@ -178,7 +179,7 @@ def test_asha_experiment_killed_resumed_tracked_and_reproducible(tmp_path, cache
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     # No tracking.uri: the default store (mlflow.db in the job's working directory) must hold the parent
     # and every child, although Tune runs each trial in a working directory of its own.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"{mlflow_uri(tmp_path)}"
     cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(path), "--out", str(out)]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -303,7 +304,7 @@ def test_confirm_stage_retrains_over_seeds_and_registers_only_a_winner(tmp_path,
     assert [r["config"] for r in confirmed["table"]][0] == "own values" and len(confirmed["table"]) == 2
     assert all(len(r["scores"]) == 2 for r in confirmed["table"]) and confirmed["seeds"] == [0, 1]
     summary = json.loads((out / "trials.json").read_text())
-    client, children = _children(f"sqlite:///{tmp_path / 'mlflow.db'}", summary["parent_run_id"])
+    client, children = _children(f"{mlflow_uri(tmp_path)}", summary["parent_run_id"])
     confirm_runs = [c for c in children if "-confirm-" in c.data.tags["mtl.run_name"]]
     assert len(confirm_runs) == 4 and all("dev/score" in c.data.metrics for c in confirm_runs)
     parent = client.get_run(summary["parent_run_id"])

