@@ -14,6 +14,9 @@ on a number.
     train-data  the training job's per-task hand-over to Ray Train: in-driver pyarrow + from_arrow for small
                 splits vs a Ray Data sort (--config, default jobs/configs/default.yaml)
     gpu-plan    memory per GPU and FLOPs per token for the shipped GPU configs (on paper)
+    lora        full fine-tuning vs shared vs per-task LoRA on SmolLM2-135M (2 workers, ZeRO-2): trainable
+                parameters, model states per rank, checkpoint size, peak RSS, tokens/s; GPU plan rows for
+                per-task LoRA on Llama-3.1-8B (jobs/configs/lora_llama8b_gpu.yaml), 1 and 8 GPUs
 
 Examples:
     python jobs/benchmark.py preprocess --glue-dir path/to/glue
@@ -24,6 +27,7 @@ Examples:
     python jobs/benchmark.py generate
     python jobs/benchmark.py train-data
     python jobs/benchmark.py gpu-plan
+    python jobs/benchmark.py lora
 """
 
 from __future__ import annotations

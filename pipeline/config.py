@@ -39,6 +39,25 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True, use_attribute_docstrings=True)
 
 
+class AdapterConfig(Strict):
+    kind: Literal["lora"] = "lora"
+    """Adapter type (LoRA, through `peft`). The backbone's own weights are frozen and stay out of the
+    optimizer; only the adapters, the task heads and any task decoders train."""
+    r: int = Field(8, ge=1, le=4096)
+    """LoRA rank."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter's input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Which linear layers of the backbone get an adapter: module names matched as name suffixes (e.g.
+    `[q_proj, v_proj]` for Llama, `[query, value]` for BERT), or `all-linear` (every linear layer but the
+    output layer). A name matching no module of the model is an error that lists the model's own."""
+    per_task: bool = True
+    """true: every task its own adapter (the step's task activates it) and its own head; false: one shared
+    adapter plus per-task heads."""
+
+
 class ModelConfig(Strict):
     name: str = "minilm-l6"
     """Model reference: a packaged model (`minilm-l6`, `smollm2-135m`), a test config (`tiny-bert`,
@@ -47,6 +66,8 @@ class ModelConfig(Strict):
     """Input tokens per example; longer inputs are truncated. Batches are padded dynamically."""
     max_target_length: int = Field(64, ge=1, le=4096)
     """Summary tokens kept per summarization target (a task's own `max_target_tokens` wins if smaller)."""
+    adapter: AdapterConfig | None = None
+    """LoRA adapters on a frozen backbone instead of full fine-tuning (unset: the whole backbone trains)."""
 
 
 class DataConfig(Strict):
@@ -224,6 +245,7 @@ WEIGHTING_OPTIONS: dict[str, dict[str, float]] = {
     "gradcos": {"beta": 0.9, "eps": 0.05},
     "famo": {"lr": 0.025, "decay": 0.001},
 }
+WEIGHTING_NEEDS_GRADS = {"gradcos": True}  # methods that read the shared group's gradient (the rest: losses only)
 WeightingMethod = Literal[tuple(WEIGHTING_OPTIONS)]  # the one list of method names (config, Tune space, factory)
 _OPTION_CHECKS = {
     "lr": (lambda v: v > 0, "use a value > 0"),
@@ -417,6 +439,18 @@ class Config(Strict):
                                     "remove it, or choose proportional, temperature or annealed sampling"))
         if problems:
             raise _Problems(problems)
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_sharing(self) -> "Config":
+        adapter = self.model.adapter
+        if (adapter is not None and adapter.per_task and self.train.shared_params is None
+                and WEIGHTING_NEEDS_GRADS.get(self.train.weighting)):
+            raise _Problems([Problem(
+                "train.weighting", f"{self.train.weighting} compares the tasks' gradients on shared trainable "
+                "parameters, and per-task adapters on a frozen backbone share none",
+                "use model.adapter.per_task=false (the shared adapter is the shared group), a loss-based method "
+                "(static, uncertainty, dwa, famo), or name a shared group with train.shared_params")])
         return self
 
     def registry(self) -> TaskRegistry:

@@ -32,13 +32,15 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # What `Predictor` and this module import (checked by tests/test_registry.py, which loads the logged model in a
 # fresh process with only this code): the package as the pyfunc ships it.
 INFERENCE_FILES = ["__init__.py", "errors.py", "registry.py", "data/__init__.py", "data/tokenize.py",
-                   "eval/__init__.py", "eval/predict.py", "model/__init__.py", "model/multitask.py", "model/refs.py",
+                   "eval/__init__.py", "eval/predict.py", "model/__init__.py", "model/adapters.py", "model/multitask.py",
+                   "model/refs.py",
                    "model/summarize.py", "tasks/__init__.py", "tasks/catalogue.py", "tasks/spec.py"]
 ARTIFACT = "mtl_model"
 PARAMS = {"batch_size": 32, "num_beams": 1, "eval_world": 1}
 # What a serving environment needs (pinned like the project; inference never needs Ray or DeepSpeed).
 REQUIREMENTS = ["torch==2.13.0", "transformers==5.24.0", "safetensors", "tokenizers", "pandas", "numpy",
                 "pyarrow", "mlflow==3.17.2"]
+ADAPTER_REQUIREMENTS = ["peft==0.21.2"]  # an adapter bundle also needs its base: a hub id, a path or a packaged model
 
 
 class MultiTaskPyfunc(mlflow.pyfunc.PythonModel):
@@ -70,11 +72,24 @@ def log_pyfunc(run_id: str, folder: str | Path, name: str = "model"):
         outputs=Schema([ColSpec("string", "task"), ColSpec("string", "label", required=False), ColSpec("long", "label_id"),
                         ColSpec("double", "score", required=False), ColSpec("string", "summary", required=False)]),
         params=ParamSchema([ParamSpec(k, "long", v) for k, v in PARAMS.items()]))
+    from pipeline.eval.predict import read_meta
+    meta = read_meta(folder)
+    requirements = REQUIREMENTS + (ADAPTER_REQUIREMENTS + base_requirements(meta["base"]) if meta.get("adapter") else [])
     with tempfile.TemporaryDirectory(prefix="mtl-pyfunc-") as tmp, mlflow.start_run(run_id=run_id, log_system_metrics=False):
         return mlflow.pyfunc.log_model(
             name=name, python_model=MultiTaskPyfunc(), artifacts={ARTIFACT: str(folder)},
             code_paths=[str(inference_package(Path(tmp)))], signature=signature, input_example=input_example(folder),
-            pip_requirements=REQUIREMENTS)
+            pip_requirements=requirements)
+
+
+def base_requirements(base: str) -> list[str]:
+    """The package a packaged base model comes in (a bundle refers to its base instead of carrying it)."""
+    from pipeline.model.refs import PACKAGED
+    return [PACKAGED[base]] if base in PACKAGED else []
+
+
+def folder_bytes(folder: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def inference_package(into: Path) -> Path:
@@ -110,6 +125,11 @@ def model_tags(run: dict[str, Any], which: str, meta: dict[str, Any]) -> dict[st
         tags["score"] = f"{meta['score']:.6g}"
     for task, metrics in meta.get("per_task", {}).items():
         tags.update({f"dev.{task}.{m}": f"{v:.6g}" for m, v in metrics.items()})
+    if meta.get("adapter"):  # a bundle: the base by reference, the adapters and their sizes
+        tags.update({"base": meta["base"], "adapter.kind": meta["adapter"]["kind"], "adapter.r": meta["adapter"]["r"],
+                     "adapters": ",".join(meta["adapters"]),
+                     **{f"adapter_params.{n}": c for n, c in meta.get("adapter_params", {}).items()},
+                     **{f"adapter_bytes.{n}": b for n, b in meta.get("adapter_bytes", {}).items()}})
     return tags
 
 
@@ -123,7 +143,13 @@ def register_run_model(client, run_dir: str | Path, name: str, *, which: str = "
     with storage.local_copy(storage.join(run_dir, which)) as folder:  # run storage may be an object store
         meta = json.loads((folder / MODEL_META).read_text())
         info = log_pyfunc(run["run_id"], folder)
-    version = register(client, info.model_uri, name, alias=alias, tags={**model_tags(run, which, meta), **(extra_tags or {})},
+        sizes = {"artifact_bytes": folder_bytes(folder)}
+        if meta.get("adapter"):  # beside it, what the full model would weigh: the base's weights plus the heads
+            from pipeline.model.multitask import base_backbone
+            base = sum(p.numel() * p.element_size() for p in base_backbone(meta["base"]).parameters())
+            sizes["full_model_bytes"] = base + (folder / "heads.safetensors").stat().st_size
+    version = register(client, info.model_uri, name, alias=alias,
+                       tags={**model_tags(run, which, meta), **sizes, **(extra_tags or {})},
                        description=f"{run['run_name']} {which} (step {meta.get('step')})")
     return info, version
 

@@ -106,6 +106,8 @@ class Space(Strict):
     """train.warmup_steps"""
     weighting: list[Literal[WEIGHTINGS]] | None = None
     """train.weighting: static weights or a dynamic method, searched as a categorical."""
+    adapter_r: list[int] | None = None
+    """model.adapter.r: the LoRA rank, searched as a categorical (the training config must set model.adapter)."""
 
 
 class AshaSpec(Strict):
@@ -208,6 +210,11 @@ def _check(spec: TuneSpec, base: Config) -> None:
     if "explicit" in strategies and spec.space.sampling.ratios is None and any(t.ratio is None for t in base.tasks.values()):
         problems.append(Problem("space.sampling.ratios", "explicit sampling is searched but no ratios are given",
                                 "add space.sampling.ratios, or give every task a ratio in the training config"))
+    if spec.space.adapter_r is not None and base.model.adapter is None:
+        problems.append(Problem("space.adapter_r", "searches the LoRA rank, but the training config trains no adapters",
+                                "set model.adapter in the training config (e.g. model.adapter={r: 8}), or drop adapter_r"))
+    if spec.space.adapter_r is not None and any(r < 1 for r in spec.space.adapter_r):
+        problems.append(Problem("space.adapter_r", f"{spec.space.adapter_r} holds a rank below 1", "use ranks >= 1"))
     if len(base.tasks) < 2 and (spec.space.weights or spec.space.sampling.ratios):
         problems.append(Problem("space.weights", "searching task balance needs at least two tasks",
                                 "add tasks to the training config"))
@@ -232,6 +239,8 @@ def _dims(spec: TuneSpec, base: Config) -> list[tuple[str, Dim]]:
     for key in ("lr", "head_lr_mult", "warmup_steps", "weighting"):
         if getattr(s, key) is not None:
             dims.append((f"train.{key}", getattr(s, key)))
+    if s.adapter_r is not None:
+        dims.append(("model.adapter.r", list(s.adapter_r)))
     return dims
 
 
@@ -260,6 +269,8 @@ def baseline_point(spec: TuneSpec, base: Config) -> dict[str, Any]:
             value = base.tasks[name].ratio
             if value is None:  # not an explicit-sampling config: ratios are not used by its first trial
                 value = dim.low if isinstance(dim, Range) else dim[0]
+        elif key == "model.adapter.r":
+            value = base.model.adapter.r
         else:
             value = getattr(base.sampling if kind == "sampling" else base.train, name)
         if isinstance(dim, Range) and dim.low <= value <= dim.high or isinstance(dim, list) and value in dim:
@@ -273,7 +284,9 @@ def trial_config(base: Config | dict, params: dict[str, Any], spec: TuneSpec) ->
     trial as-is; ratios only apply to `explicit` trials."""
     raw = config_to_dict(base) if isinstance(base, Config) else dict(base)
     raw = {**raw, "tasks": {t: dict(v) for t, v in raw["tasks"].items()}, "sampling": dict(raw["sampling"]),
-           "train": dict(raw["train"]), "tracking": dict(raw["tracking"])}
+           "train": dict(raw["train"]), "tracking": dict(raw["tracking"]), "model": dict(raw["model"])}
+    if "model.adapter.r" in params:
+        raw["model"]["adapter"] = {**raw["model"]["adapter"], "r": int(params["model.adapter.r"])}
     tasks = list(raw["tasks"])
     if any(f"weight.{t}" in params for t in tasks):
         weights = normalise_weights({t: float(params.get(f"weight.{t}", raw["tasks"][t]["weight"])) for t in tasks})

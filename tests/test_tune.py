@@ -74,6 +74,17 @@ def test_trial_config_normalises_weights_and_ratios(tmp_path, cache_dir):
     assert load_config(tmp_path / "best.yaml") == cfg
 
 
+def test_adapter_rank_is_searched_when_the_config_trains_adapters(tmp_path, cache_dir):
+    path = _write_spec(tmp_path, cache_dir, space={"adapter_r": [4, 16]})
+    with pytest.raises(PipelineError) as err:
+        load_tune_spec(path)
+    assert str(err.value.problems[0]).startswith("space.adapter_r: searches the LoRA rank, but the training config trains no adapters")
+    spec, base = load_tune_spec(path, ["model.adapter={r: 8, per_task: false}"])
+    assert sorted(param_space(spec, base)) == ["model.adapter.r"]
+    cfg = trial_config(base, {"model.adapter.r": 16}, spec)
+    assert cfg.model.adapter.r == 16 and cfg.model.adapter.per_task is False and base.model.adapter.r == 8
+
+
 def test_concurrency_follows_cluster_resources(tmp_path, cache_dir):
     spec, base = load_tune_spec(_write_spec(tmp_path, cache_dir))
     assert max_concurrent(spec, base, {"CPU": 2}) == 2  # 1 worker × 0.5 CPU each, 1 CPU kept for Ray Data

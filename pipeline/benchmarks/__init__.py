@@ -16,8 +16,8 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parents[2] / "tests" / "bench" / "results"
 
 
-NAMES = ["preprocess", "train", "memory", "tune", "generate", "train-data", "gpu-plan"]
-ORDER = ["preprocess", "train_data", "train", "memory_bf16", "memory_fp32", "tune", "generate", "gpu_plan"]
+NAMES = ["preprocess", "train", "memory", "tune", "generate", "train-data", "gpu-plan", "lora"]
+ORDER = ["preprocess", "train_data", "train", "memory_bf16", "memory_fp32", "lora", "tune", "generate", "gpu_plan"]
 
 
 def run_benchmark(name: str, command: str, *, config: str | None = None, overrides: list[str] = (),
@@ -48,6 +48,9 @@ def run_benchmark(name: str, command: str, *, config: str | None = None, overrid
     elif name == "generate":
         from pipeline.benchmarks import generate
         result, md = generate.run(command, repeats=repeats)
+    elif name == "lora":
+        from pipeline.benchmarks import lora
+        result, md = lora.run(command)
     elif name == "train_data":
         from pipeline.benchmarks import train_data
         cfg = load_config(config or "jobs/configs/default.yaml", list(overrides))

@@ -89,6 +89,21 @@ class MultiTaskModel(nn.Module):
                                     for h in self.head_specs.values() if h.kind != "summarization"})
         self.decoders = nn.ModuleDict({t: task_decoder(backbone.config, backbone if init_decoders else None)
                                        for t in generative} if self.kind == "encoder" else {})
+        self.adapter: dict[str, Any] | None = None  # model.adapter as a dict, once adapters are attached
+        self.adapter_names: list[str] = []
+        self.base_name: str | None = None  # the model reference the frozen backbone comes from
+
+    def add_adapters(self, spec: dict[str, Any], base_name: str) -> None:
+        """LoRA adapters on the backbone (pipeline/model/adapters.py), which is frozen from here on."""
+        from pipeline.model.adapters import attach
+        self.adapter_names = attach(self.backbone, spec, self.head_specs)
+        self.adapter, self.base_name = dict(spec), base_name
+
+    def _route(self, task: str) -> None:
+        """Per-task adapters: the task's own adapter carries its forward pass."""
+        if len(self.adapter_names) > 1:
+            from pipeline.model.adapters import activate
+            activate(self.backbone, task)
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute the backbone's (and task decoders') layer activations during backward instead of
@@ -109,6 +124,7 @@ class MultiTaskModel(nn.Module):
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
 
     def forward(self, task: str, input_ids, attention_mask, token_type_ids=None, labels=None):
+        self._route(task)
         if self.head_specs[task].kind == "summarization":  # labels: -100 where there is no target
             if self.kind == "encoder":
                 return self._decode(task, input_ids, attention_mask, labels)
@@ -152,6 +168,7 @@ class MultiTaskModel(nn.Module):
         left-padded). `max_new_tokens`
         is required: it comes from the task's declared summary length. `synced_gpus` keeps every rank
         stepping until all are done, which sharded (ZeRO-3) parameters need."""
+        self._route(task)
         config = self.backbone.config
         common = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False, use_cache=use_cache,
                       synced_gpus=synced_gpus, pad_token_id=config.pad_token_id if pad_token_id is None else pad_token_id,
@@ -171,11 +188,12 @@ class MultiTaskModel(nn.Module):
 
     def param_groups(self, lr: float, weight_decay: float, head_lr_mult: dict[str, float]) -> list[dict]:
         """Backbone and task decoders with and without weight decay (no decay on biases and norms), one
-        group per head with its learning-rate multiplier. Every parameter is in exactly one group."""
+        group per head with its learning-rate multiplier. Every trainable parameter is in exactly one group
+        (with adapters, the backbone's group holds only the adapters)."""
         def split(module: nn.Module, name: str) -> list[dict]:
             decay, no_decay, seen = [], [], set()
-            for pname, p in module.named_parameters():  # tied weights appear once
-                if id(p) not in seen:
+            for pname, p in module.named_parameters():  # tied weights appear once; frozen ones not at all
+                if id(p) not in seen and p.requires_grad:
                     seen.add(id(p))
                     (no_decay if p.ndim < 2 or "norm" in pname.lower() else decay).append(p)
             return [{"params": decay, "weight_decay": weight_decay, "lr": lr, "name": name},
@@ -190,11 +208,17 @@ class MultiTaskModel(nn.Module):
         return [g for g in groups if g["params"]]
 
     def shared_parameters(self, prefix: str | None = None) -> list[tuple[str, nn.Parameter]]:
-        """The declared shared parameter group, as (name, parameter): every parameter whose name starts
-        with `prefix` (e.g. "backbone.encoder.layer.5."), by default the backbone's last block. Gradient-
-        based loss weighting compares the tasks' gradients on it."""
+        """The declared shared parameter group, as (name, parameter): every trainable parameter whose name
+        starts with `prefix` (e.g. "backbone.encoder.layer.5."), by default the backbone's last block, or
+        with one shared adapter that adapter. Gradient-based loss weighting compares the tasks' gradients on it."""
+        if prefix is None and self.adapter_names:
+            from pipeline.model.adapters import SHARED, is_adapter_parameter
+            if self.adapter_names != [SHARED]:
+                raise ValueError("per-task adapters on a frozen backbone share no trainable parameter: "
+                                 "use one shared adapter (model.adapter.per_task=false) or name a shared group")
+            return [(n, p) for n, p in self.named_parameters() if is_adapter_parameter(n)]
         prefix = prefix or self.last_block_prefix()
-        named = [(n, p) for n, p in self.named_parameters() if n.startswith(prefix)]
+        named = [(n, p) for n, p in self.named_parameters() if n.startswith(prefix) and p.requires_grad]
         if not named:
             raise ValueError(f"no parameter name starts with {prefix!r}: use a prefix such as "
                              f"{self.last_block_prefix()!r} (the backbone's last block)")
@@ -227,12 +251,20 @@ class MultiTaskModel(nn.Module):
         backbone_sd = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         # Heads and task decoders, by full name; clones break the decoders' tied embeddings for safetensors.
         heads_sd = {k: v.contiguous().clone() for k, v in state.items() if k.startswith(("heads.", "decoders."))}
-        self.backbone.save_pretrained(folder / "backbone", state_dict=backbone_sd)
+        extra: dict[str, Any] = {}
+        if self.adapter is not None:  # a bundle: the base by reference, the adapters in PEFT's format
+            from pipeline.model.adapters import describe, save_adapters
+            sizes = save_adapters(self.backbone, backbone_sd, folder / "adapters", self.adapter, self.base_name,
+                                  self.adapter_names)
+            extra = {"adapter": self.adapter, "base": self.base_name, "adapter_bytes": sizes,
+                     "base_sha256": base_digest(backbone_sd), **describe(self.backbone, self.adapter_names)}
+        else:
+            self.backbone.save_pretrained(folder / "backbone", state_dict=backbone_sd)
         save_file(heads_sd, str(folder / "heads.safetensors"))
         tokenizer.save_pretrained(folder / "tokenizer")
         meta = {"format_version": FORMAT_VERSION, "backbone_kind": self.kind,
                 "decoder_start_token_id": self.decoder_start_token_id,
-                "heads": [asdict(h) for h in self.head_specs.values()], **(metadata or {})}
+                "heads": [asdict(h) for h in self.head_specs.values()], **extra, **(metadata or {})}
         (folder / MODEL_META).write_text(json.dumps(meta, indent=2, default=str))
         return folder
 
@@ -242,9 +274,17 @@ class MultiTaskModel(nn.Module):
         from transformers import AutoConfig, AutoTokenizer
         folder = Path(folder)
         meta = json.loads((folder / MODEL_META).read_text())
-        kind = backbone_kind(AutoConfig.from_pretrained(folder / "backbone"))
-        model = cls(_load_backbone(kind, folder / "backbone", dtype), [Head(**h) for h in meta["heads"]],
-                    decoder_start_token_id=meta.get("decoder_start_token_id"), init_decoders=False)
+        heads = [Head(**h) for h in meta["heads"]]
+        if meta.get("adapter"):  # a bundle: the base from its reference, then the adapters
+            from pipeline.model.adapters import load_adapters
+            model = cls(base_backbone(meta["base"], dtype), heads, decoder_start_token_id=meta.get("decoder_start_token_id"),
+                        init_decoders=False)
+            model.add_adapters(meta["adapter"], meta["base"])
+            load_adapters(model.backbone, folder / "adapters", model.adapter_names)
+        else:
+            kind = backbone_kind(AutoConfig.from_pretrained(folder / "backbone"))
+            model = cls(_load_backbone(kind, folder / "backbone", dtype), heads,
+                        decoder_start_token_id=meta.get("decoder_start_token_id"), init_decoders=False)
         saved = load_file(str(folder / "heads.safetensors"))
         expected = {k for k in model.state_dict() if k.startswith(("heads.", "decoders."))}
         if set(saved) != expected:
@@ -253,16 +293,45 @@ class MultiTaskModel(nn.Module):
         return model.eval(), AutoTokenizer.from_pretrained(folder / "tokenizer"), meta
 
 
-def build_model(model_name: str, heads: Iterable[Head], dropout: float = 0.1) -> MultiTaskModel:
-    """A backbone from a model reference (see refs.py) with fresh heads."""
+def base_digest(backbone_state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a backbone's weights without its adapters, by plain parameter name: a frozen base that
+    was never touched gives the digest of the model its reference names."""
+    import hashlib
+    from pipeline.model.adapters import is_adapter_parameter
+    digest = hashlib.sha256()
+    for key in sorted(k for k in backbone_state if not is_adapter_parameter(k)):
+        digest.update(key.replace(".base_layer.", ".").encode())
+        digest.update(backbone_state[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def base_backbone(model_name: str, dtype=None, *, fixed_init: bool = True) -> nn.Module:
+    """The backbone a model reference names. A test config (`tiny-*`) has no pretrained weights: with
+    `fixed_init` its random weights come from a fixed seed, so a frozen tiny base is the same in every
+    process (as a pretrained one is), whatever the caller's RNG state."""
     from transformers import AutoConfig
 
     from pipeline.model.refs import resolve_model
-    from pipeline.model.refs import load_tokenizer
     ref = resolve_model(model_name)
-    config = AutoConfig.for_model(**ref.config) if ref.source == "tiny" else AutoConfig.from_pretrained(ref.path)
-    kind = backbone_kind(config)
-    backbone = _load_backbone(kind, config if ref.source == "tiny" else ref.path)
+    if ref.source != "tiny":
+        return _load_backbone(backbone_kind(AutoConfig.from_pretrained(ref.path)), ref.path, dtype)
+    config = AutoConfig.for_model(**ref.config)
+    if not fixed_init:
+        return _load_backbone(backbone_kind(config), config)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _load_backbone(backbone_kind(config), config)
+
+
+def build_model(model_name: str, heads: Iterable[Head], dropout: float = 0.1,
+                adapter: dict[str, Any] | None = None) -> MultiTaskModel:
+    """A backbone from a model reference (see refs.py) with fresh heads; with `adapter` (model.adapter as
+    a dict) the backbone is frozen and carries LoRA adapters."""
+    from pipeline.model.refs import load_tokenizer
+    backbone = base_backbone(model_name, fixed_init=adapter is not None)
     tok = load_tokenizer(model_name)
     start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
-    return MultiTaskModel(backbone, heads, dropout, decoder_start_token_id=start)
+    model = MultiTaskModel(backbone, heads, dropout, decoder_start_token_id=start)
+    if adapter is not None:
+        model.add_adapters(adapter, model_name)
+    return model

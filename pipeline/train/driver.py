@@ -238,6 +238,9 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     `--resume` command, the traceback in `<run dir>/failure.log`."""
     start = time.monotonic()
     check_resources(cfg, log)
+    if cfg.model.adapter is not None:
+        from pipeline.model.adapters import check_targets
+        check_targets(cfg.model.name, cfg.model.adapter.target_modules)
     run_name, run_dir, previous = _run_dir(cfg, resume, run_name)
     if previous is not None and previous.get("config", {}).get("name") not in (None, cfg.name):
         raise PipelineError.one("--resume", f"run {run_name!r} was made from the config named "

@@ -229,7 +229,8 @@ def build_engine(cfg: Config, job: WorkerJob, world: int):
     weights anyway. The weighting comes first: a bad train.shared_params prefix fails before the slow start."""
     import deepspeed
     train = cfg.train
-    model = build_model(cfg.model.name, list(job.heads), dropout=train.dropout)
+    adapter = cfg.model.adapter.model_dump() if cfg.model.adapter is not None else None
+    model = build_model(cfg.model.name, list(job.heads), dropout=train.dropout, adapter=adapter)
     if train.activation_checkpointing:
         model.enable_activation_checkpointing()
     weighting = make_weighting(train.weighting, list(job.tasks), job.weights, train.weighting_options)
@@ -243,6 +244,11 @@ def build_engine(cfg: Config, job: WorkerJob, world: int):
         config=deepspeed_config(train, world))
     skip_single_rank_allreduce(engine, world, train.zero_stage)
     return model, engine, optimizer, weighting, shared
+
+
+def frozen_base(engine) -> bool:
+    """The model trains adapters on a frozen backbone (model.adapter)."""
+    return bool(getattr(engine.module, "adapter_names", None))
 
 
 def restore(engine, sampler: TaskSampler, weighting, rank: int, run_id: str | None, progress=None) -> TrainState:
@@ -259,7 +265,7 @@ def restore(engine, sampler: TaskSampler, weighting, rank: int, run_id: str | No
                            "above): move the broken step_* folders away to restart from the last good one, or "
                            "start a new run")
     with checkpoint.as_directory() as folder:
-        _, client = engine.load_checkpoint(folder, tag=DS_TAG)
+        _, client = engine.load_checkpoint(folder, tag=DS_TAG, load_module_strict=not frozen_base(engine))
     sampler.load_state_dict(client["sampler"])
     if "weighting" in client:  # checkpoints from before dynamic weighting were static
         weighting.load_state_dict(client["weighting"])
@@ -328,22 +334,30 @@ def save_checkpoint(engine, state: TrainState, sampler: TaskSampler, weighting, 
                     rank: int, world: int, tracker) -> None:
     """Every rank saves its DeepSpeed shards plus the loop's state and a manifest of what it wrote; Ray
     Train merges them into one checkpoint `<run dir>/step_NNNNNNN/`."""
+    from pathlib import Path
+
     import ray.train
+    import torch.distributed as dist
     folder = tempfile.mkdtemp(prefix="mtl-ckpt-")
     client = {"step": state.step, "sampler": sampler.state_dict(), "best_score": state.best_score,
               "run_id": state.run_id, "torch_rng": torch.get_rng_state(), "weighting": weighting.state_dict(),
               "pending_eval": state.pending_eval}
-    engine.save_checkpoint(folder, tag=DS_TAG, client_state=client)
+    # With adapters the frozen base is not saved: the checkpoint holds what trains, the base is rebuilt
+    # from its reference (model.name) on restore.
+    engine.save_checkpoint(folder, tag=DS_TAG, client_state=client, exclude_frozen_parameters=frozen_base(engine))
     if rank == 0:
         with open(os.path.join(folder, CHECKPOINT_META), "w") as fh:
             json.dump({"step": state.step, "world": world, "run_id": state.run_id, "best_score": state.best_score,
                        "sampler": sampler.state_dict()}, fh)
     write_manifest(folder, rank)  # last: what this rank wrote, checked before any resume loads it
+    written = [None] * world  # the checkpoint's size over all ranks (with adapters: no frozen base in it)
+    dist.all_gather_object(written, sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()))
     report = {"step": state.step, "best_score": state.best_score, **{f"steps/{t}": c for t, c in sampler.counts.items()},
               **{f"weight/{t}": w for t, w in weighting.weights().items()},  # Tune's TensorBoard files show them too
               **{f"ratio/{t}": r for t, r in sampler.ratios().items()},
               **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
     if tracker is not None:
+        tracker.log_metrics({"checkpoint/bytes": float(sum(written))}, state.step)
         tracker.flush_or_spool()
     name = dir_name(state.step, state.taken)
     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
@@ -488,7 +502,8 @@ def log_memory(model, memory: dict[str, float], world: int, tracker, step: int) 
     dist.all_gather_object(held, {**memory, "peak_rss": float(peak_rss_bytes())})
     if tracker is not None:
         psi = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-        tracker.log_metrics({"memory/psi": float(psi), **{f"memory/rank{r}/{k}": v for r, m in enumerate(held)
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        tracker.log_metrics({"memory/psi": float(psi), "memory/trainable_params": float(trainable), **{f"memory/rank{r}/{k}": v for r, m in enumerate(held)
                                                           for k, v in m.items()}}, step)
 
 
