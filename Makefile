@@ -13,6 +13,7 @@ $(VENV)/.setup-stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[dev]"
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps $(NODEPS)
+	$(PY) -m pipeline.train.warmup --offload   # DeepSpeedCPUAdam, compiled once at install (~1.5 min on 2 cores)
 	touch $@
 
 run: setup          ## the main job end to end on the embedded default (local Ray, local MLflow, CPU)
@@ -21,7 +22,7 @@ run: setup          ## the main job end to end on the embedded default (local Ra
 preprocess: setup
 	$(PY) jobs/preprocess.py --config $(or $(CONFIG),jobs/configs/default.yaml) $(ARGS)
 
-test: setup warmup  ## the default test tier (what CI runs); compiles DeepSpeedCPUAdam first (once, ~1.5 min)
+test: setup         ## the default test tier (what CI runs)
 	$(PY) -m pytest
 
 test-all: setup     ## including slow tests
@@ -33,5 +34,5 @@ clean-cache:
 smoke: setup        ## the main job in its CI form: a few steps on a few rows
 	$(PY) jobs/train.py --config jobs/configs/default.yaml --smoke
 
-warmup: setup       ## compile DeepSpeed's CPU optimizer op once (make test does this first)
+warmup: setup       ## compile DeepSpeed's CPU optimizer op (the install does it; rerun after clearing ~/.cache/torch_extensions)
 	$(PY) -m pipeline.train.warmup --offload

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -28,7 +27,6 @@ def workspace(tmp_path_factory):
     """Work a user would not want to lose: a finished run (checkpoint, models, MLflow run), its keyed
     cache, a pinned cache, and a registered model version with the alias `champion`."""
     import preprocess
-    import register
     import train
 
     ws = tmp_path_factory.mktemp("workspace")
@@ -40,13 +38,14 @@ def workspace(tmp_path_factory):
     assert train.main(["--config", str(ws / "base.yaml"), *base]) == 0
     assert preprocess.main(["--config", str(ws / "base.yaml"), *base, f"data.cache_path={ws / 'pinned'}"]) == 0
     run = next((ws / "runs").glob("ws-*/run.json")).parent
-    saved = os.environ.get("MLFLOW_TRACKING_URI")  # the register job sets it (mlflow.set_tracking_uri)
-    assert register.main(["--run", str(run), "--name", MODEL, "--alias", "champion",
-                          "--tracking-uri", f"{mlflow_uri(ws)}"]) == 0
-    if saved is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = saved
+    # A registry entry for the run's logged model (what jobs/register.py makes; its pyfunc logging is tested in
+    # tests/test_registry.py), with the alias a bad --promote must leave alone.
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(mlflow_uri(ws))
+    run_id = json.loads((run / "run.json").read_text())["run_id"]
+    client.create_registered_model(MODEL)
+    version = client.create_model_version(MODEL, f"{client.get_run(run_id).info.artifact_uri}/model", run_id=run_id)
+    client.set_registered_model_alias(MODEL, "champion", version.version)
     return {"dir": ws, "base": base, "run": run}
 
 

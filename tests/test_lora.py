@@ -1,7 +1,8 @@
 """Per-task LoRA adapters on a frozen tiny-llama through Ray Train + DeepSpeed, 2 workers: classification,
 regression and summarization all learn; only adapters and heads change (the final model's base digest is
 the reference's); checkpoints hold no frozen weight; a run resumes; the export bundle and a merged task
-reproduce the engine's dev predictions. ZeRO-3 (frozen base sharded) in the default tier, ZeRO-0 in the slow one."""
+reproduce the engine's dev predictions; the registered bundle is served over REST. ZeRO-3 (frozen base
+sharded) in the default tier; ZeRO-0 and the REST check in the slow one."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pipeline.config import load_config
 from pipeline.train.driver import train_driver
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))  # the jobs' main(), called in process
 pytestmark = pytest.mark.usefixtures("ray_session")
 TASKS = ("{rotten_tomatoes: {max_rows: {train: 256, validation: 32}}, stsb: {max_rows: {train: 256, validation: 32}}, "
          "xsum: {max_rows: {train: 256, validation: 8}}}")
@@ -25,7 +27,7 @@ TASKS = ("{rotten_tomatoes: {max_rows: {train: 256, validation: 32}}, stsb: {max
 
 def _cfg(tmp: Path, cache_dir: Path, glue_dir: Path, stage: int, steps: int):
     return load_config(None, [
-        "name=lora", "model.name=tiny-llama", "model.max_length=48", "model.max_target_length=12", f"tasks={TASKS}",
+        "name=lora", "model.name=tiny-llama", "model.max_target_length=12", f"tasks={TASKS}",
         f"data.glue_dir={glue_dir}", "model.adapter={r: 8, alpha: 16, dropout: 0.0, per_task: true}",
         "train.num_workers=2", "train.cpus_per_worker=0.5", f"train.zero_stage={stage}", f"train.steps={steps}",
         "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=0", "train.log_every=4", "train.eval_every=20",
@@ -38,15 +40,21 @@ def _history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(cfg.tracking.uri).get_metric_history(run_id, key))
 
 
-@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), 3])
-def test_lora_trains_adapters_and_heads_only_resumes_and_exports(stage, tmp_path, cache_dir, glue_dir):
+@pytest.fixture(scope="module", params=[pytest.param(0, marks=pytest.mark.slow), 3], ids=lambda s: f"zero{s}")
+def lora_run(request, tmp_path_factory, cache_dir, glue_dir):
+    """20 steps, then the same run resumed to 40: (config, first result, final result, temp folder)."""
+    tmp = tmp_path_factory.mktemp(f"lora{request.param}")
+    first = train_driver(_cfg(tmp, cache_dir, glue_dir, request.param, 20), log=lambda _: None)
+    cfg = _cfg(tmp, cache_dir, glue_dir, request.param, 40)
+    return cfg, first, train_driver(cfg, resume=True, log=lambda _: None), tmp
+
+
+def test_lora_trains_adapters_and_heads_only_resumes_and_exports(lora_run):
     from pipeline.model.multitask import base_backbone, base_digest
 
-    first = train_driver(_cfg(tmp_path, cache_dir, glue_dir, stage, 20), log=lambda _: None)
+    cfg, first, result, tmp_path = lora_run
     assert first.steps == 20
-    cfg = _cfg(tmp_path, cache_dir, glue_dir, stage, 40)
-    result = train_driver(cfg, resume=True, log=lambda _: None)  # the same run, continued from its step-20 checkpoint
-    assert result.steps == 40 and result.run_id == first.run_id and result.run_dir == first.run_dir
+    assert result.steps == 40 and result.run_id == first.run_id and result.run_dir == first.run_dir  # resumed
 
     for task in ("rotten_tomatoes", "stsb", "xsum"):  # every task kind learns through its own adapter
         losses = [v for _, v in _history(cfg, result.run_id, f"loss/{task}")]
@@ -63,20 +71,78 @@ def test_lora_trains_adapters_and_heads_only_resumes_and_exports(stage, tmp_path
 
     # Checkpoints hold what trains (adapters, heads, their optimizer state), not the frozen base.
     base_bytes = sum(p.numel() * p.element_size() for p in reference.parameters())
-    (ckpt_step, ckpt_bytes), *_ = _history(cfg, result.run_id, "checkpoint/bytes")[-1:]
+    ckpt_step, ckpt_bytes = _history(cfg, result.run_id, "checkpoint/bytes")[-1]
     assert ckpt_step == 40 and 0 < ckpt_bytes < base_bytes / 2, (ckpt_bytes, base_bytes)
     trainable = _history(cfg, result.run_id, "memory/trainable_params")[-1][1]
     assert 0 < trainable < _history(cfg, result.run_id, "memory/psi")[-1][1] / 10
 
     engine = json.loads((run / "final_model" / "dev_predictions.json").read_text())
     _check_same(run / "final_model", cfg, engine)  # the bundle, reloaded in this process (base from its reference)
-    export = [sys.executable, "jobs/export.py", "--run", result.run_dir]
-    out = subprocess.run([*export, "--out", str(tmp_path / "bundle")], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    _check_same(tmp_path / "bundle", cfg, engine)  # consolidated from the checkpoint
+    import export  # jobs/export.py, in process
+    assert export.main(["--run", result.run_dir, "--out", str(tmp_path / "bundle")]) == 0
+    _check_same(tmp_path / "bundle", cfg, engine)  # consolidated from the step-40 checkpoint
     for task in ("rotten_tomatoes", "xsum"):  # one task merged into a plain model
-        out = subprocess.run([*export, "--merge", task, "--out", str(tmp_path / f"merged-{task}")], cwd=ROOT,
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
+        assert export.main(["--run", result.run_dir, "--merge", task, "--out", str(tmp_path / f"merged-{task}")]) == 0
         assert (tmp_path / f"merged-{task}" / "backbone" / "config.json").is_file()
         _check_same(tmp_path / f"merged-{task}", cfg, {task: engine[task]})
+
+
+@pytest.mark.slow  # default tier: bundles reload through the pyfunc's loader (above, tests/test_adapters.py) and a
+# full model is served over REST (tests/test_registry.py)
+def test_registered_bundle_is_tagged_and_served_over_rest(lora_run):
+    """The final model registered as a bundle (base by reference, adapters, heads), tagged with its tasks and
+    adapter sizes beside the full model's size, then served by `mlflow models serve` for every task."""
+    import os
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    cfg, _, result, tmp = lora_run
+    uri = cfg.tracking.uri
+    out = subprocess.run([sys.executable, "jobs/register.py", "--run", result.run_dir, "--name", "lora-tiny",
+                          "--which", "final_model", "--alias", "champion", "--tracking-uri", uri],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    version = MlflowClient(uri).get_model_version_by_alias("lora-tiny", "champion")
+    tags = version.tags
+    assert tags["base"] == "tiny-llama" and tags["adapters"] == "rotten_tomatoes,stsb,xsum" and tags["adapter.r"] == "8"
+    assert all(int(tags[f"adapter_params.{t}"]) > 0 for t in ("rotten_tomatoes", "stsb", "xsum"))
+    assert int(tags["artifact_bytes"]) < int(tags["full_model_bytes"]) / 2, tags  # the bundle does not carry the base
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/lora-tiny@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, reply = time.monotonic() + 240, None
+        body = json.dumps({"dataframe_records": [
+            {"task": "rotten_tomatoes", "text": "a warm, funny film", "text_pair": ""},
+            {"task": "stsb", "text": "A man is playing a guitar.", "text_pair": "A man plays the guitar."},
+            {"task": "xsum", "text": "The council said the bridge would close for repairs next week.", "text_pair": ""}]}).encode()
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+                break
+            except OSError:
+                time.sleep(2)
+        assert reply is not None, (server.stdout.read()[-4000:] if server.poll() is not None else "server did not answer")
+        rows = reply["predictions"]
+        assert [r["task"] for r in rows] == ["rotten_tomatoes", "stsb", "xsum"]
+        assert rows[0]["label_id"] in (0, 1) and isinstance(rows[1]["score"], float)
+        assert isinstance(rows[2]["summary"], str) and rows[0].get("summary") is None
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

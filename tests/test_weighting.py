@@ -196,9 +196,14 @@ def test_shared_parameters_by_prefix():
 
 def test_shared_gradient_is_the_rank_averaged_gradient_at_every_zero_stage(ray_session):
     """`shared_gradient` after backward (two accumulated micro-batches, different data per rank) equals
-    the plain-PyTorch gradient averaged over ranks, identically on every rank, at ZeRO 0, 1, 2 and 3
-    in fp32 (and close to it in bf16, whose gradients DeepSpeed accumulates apart)."""
-    _shared_gradient_cases([(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"), (2, "bf16")])
+    the plain-PyTorch gradient averaged over ranks, identically on every rank, at ZeRO 0, 1, 2 and 3 in fp32."""
+    _shared_gradient_cases([(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32")])
+
+
+@pytest.mark.slow  # default tier: the same check at every stage in fp32 (above)
+def test_shared_gradient_in_bf16_is_close_to_the_rank_averaged_gradient(ray_session):
+    """The same in bf16, whose gradients DeepSpeed accumulates apart: close, not equal."""
+    _shared_gradient_cases([(0, "bf16"), (2, "bf16")])
 
 
 def _shared_gradient_cases(cases: list[tuple[int, str]]) -> None:

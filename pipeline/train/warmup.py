@@ -1,6 +1,7 @@
 """Compile DeepSpeed's JIT ops once (cached in ~/.cache/torch_extensions): DeepSpeedCPUAdam, which
 optimizer offload (`train.offload_optimizer`) uses, takes about 1.5 minutes on a fresh machine, then
-loads instantly. CI runs this before the tests so no single test pays for it. (Training builds no other
+loads instantly. `make setup` (the install) runs this once per machine, as DeepSpeed's own ahead-of-time
+op builds do, so neither a training run nor a test pays for it. (Training builds no other
 op: DeepSpeed's CPU shared-memory comm op serves only DeepSpeed-Inference and is skipped, see
 pipeline/train/loop.py skip_inference_comm_op.)
 
