@@ -165,7 +165,7 @@ def test_jobs_submitted_to_the_local_cluster_track_into_the_mlflow_server(local_
     evaluate = _run([str(BIN / "ray"), "job", "submit", "--address", local_cluster["dashboard"],
                      "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
                      "python", "jobs/evaluate.py", "--model", run["info"]["run_name"], "--storage-path", storage,
-                     "--out", "eval_it"], env, timeout=300)
+                     "--tasks", "rotten_tomatoes", "--out", "eval_it"], env, timeout=300)
     assert "multi-task score (validation)" in evaluate.stdout, evaluate.stdout[-3000:] + evaluate.stderr[-2000:]
     assert (tmp / "home" / "results" / "eval_it" / "results.json").is_file()  # not in the job's working dir
     evals = _rest(api, "/runs/search", body={"experiment_ids": [experiment["experiment_id"]],

@@ -162,6 +162,46 @@ def test_worker_killed_mid_run_restarts_from_the_checkpoint(tmp_path, cache_dir,
           f"{result.dev_metrics} vs uninterrupted {ref.dev_metrics}")
 
 
+def test_a_failed_fit_becomes_one_line_with_what_died_the_checkpoint_and_the_resume_command(tmp_path):
+    """The driver's side of a run that fails past train.max_failures, without training: Ray Train's
+    WorkerGroupError (a dead worker and the peer that lost it) becomes RunFailed with one line — the dead
+    worker first, the last checkpoint's step, the exact --resume command — the traceback goes to failure.log
+    and the MLflow run (a real sqlite store) is FAILED with that line. (The slow tier SIGKILLs a real worker:
+    test_worker_killed_past_max_failures_says_what_died_and_how_to_resume.)"""
+    from mlflow.tracking import MlflowClient
+    from ray.exceptions import ActorDiedError
+    from ray.train import WorkerGroupError
+
+    from pipeline.tracking import TrainingRun
+    from pipeline.train.driver import _fit
+    from pipeline.train.failure import RunFailed, resume_command
+
+    class Fails:  # stands in for TorchTrainer: fit() raises what Ray Train raises when a worker dies
+        def fit(self):
+            try:
+                raise WorkerGroupError("Training failed due to worker errors", {
+                    1: RuntimeError("[gloo] Connection closed by peer [127.0.0.1]:1234"), 0: ActorDiedError()})
+            except WorkerGroupError as err:
+                raise err
+
+    cfg = load_config(None, _overrides(tmp_path, tmp_path / "cache"))
+    client = MlflowClient(cfg.tracking.uri)
+    run_id = client.create_run(client.create_experiment("rel")).info.run_id
+    run_dir = tmp_path / "runs" / "rel-1"
+    for step in (6, 12):
+        (run_dir / f"step_{step:07d}").mkdir(parents=True)
+    command = resume_command("rel.yaml", "rel-1", ["train.steps=24"])
+    with pytest.raises(RunFailed) as info:
+        _fit(Fails(), cfg, TrainingRun(client, run_id), str(run_dir), "rel-1", command)
+    line = str(info.value)
+    assert "\n" not in line and line.startswith("run rel-1 failed: training worker rank 0 failed (and 1 more): ActorDiedError")
+    assert "; last checkpoint: step 12; continue with: python jobs/train.py --config rel.yaml --resume rel-1 train.steps=24" in line
+    assert "WorkerGroupError" in (run_dir / "failure.log").read_text()
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["mtl.failure"] == line
+
+
+@pytest.mark.slow  # default tier: the same line from Ray Train's error, without training (above)
 def test_worker_killed_past_max_failures_says_what_died_and_how_to_resume(tmp_path, cache_dir):
     """With no restarts left the run stops with one line — what died, the last checkpoint's step, the exact
     --resume command — the traceback in the run's failure.log and the MLflow run FAILED with that line."""
