@@ -159,8 +159,11 @@ def check_targets(model_name: str, targets: list[str] | str) -> None:
     from pipeline.errors import PipelineError
     from pipeline.model.multitask import _load_backbone, backbone_kind
     from pipeline.model.refs import resolve_model
-    ref = resolve_model(model_name, where="model.name")
-    config = AutoConfig.for_model(**ref.config) if ref.source == "tiny" else AutoConfig.from_pretrained(ref.path)
+    ref = resolve_model(model_name, weights=False, where="model.name")  # a hub model: its config files only
+    if ref.source != "tiny" and not (ref.tokenizer_path / "config.json").is_file():
+        ref = resolve_model(model_name, where="model.name")  # a packaged GGUF: converted once (training needs it)
+    folder = ref.path or ref.tokenizer_path
+    config = AutoConfig.for_model(**ref.config) if ref.source == "tiny" else AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
         backbone = _load_backbone(backbone_kind(config), config)
     missing = unknown_targets(backbone, targets)
