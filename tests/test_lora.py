@@ -155,3 +155,30 @@ def test_registered_bundle_is_tagged_and_served_over_rest(lora_run):
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow  # default tier: LoRA in fp32 with static weights (above); bf16 and FAMO each with full fine-tuning
+def test_lora_in_bf16_with_famo_weighting_and_a_shared_adapter(tmp_path, cache_dir, glue_dir):
+    """A bf16 engine (frozen base included) with one shared adapter and FAMO's loss-based weights, at ZeRO-2:
+    the weights move, the losses fall, the base stays untouched."""
+    from pipeline.model.multitask import base_backbone, base_digest
+
+    cfg = load_config(None, ["name=lora", "model.name=tiny-llama", "model.max_target_length=12", f"tasks={TASKS}",
+                             f"data.glue_dir={glue_dir}", "model.adapter={r: 8, alpha: 16, dropout: 0.0, per_task: false}",
+                             "train.num_workers=2", "train.cpus_per_worker=0.5", "train.zero_stage=2", "train.steps=40",
+                             "train.precision=bf16", "train.weighting=famo", "train.weighting_options={lr: 0.2}",
+                             "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=0", "train.log_every=4",
+                             "train.eval_every=40", "train.checkpoint_every=40", f"train.storage_path={tmp_path / 'runs'}",
+                             f"tracking.uri={mlflow_uri(tmp_path)}", f"data.cache_dir={cache_dir}"])
+    result = train_driver(cfg, log=lambda _: None)
+    assert result.steps == 40
+    for task in ("rotten_tomatoes", "stsb", "xsum"):
+        losses = [v for _, v in _history(cfg, result.run_id, f"loss/{task}")]
+        third = len(losses) // 3
+        assert third and sum(losses[-third:]) / third < sum(losses[:third]) / third, (task, losses)
+        assert any(abs(v - 1.0) > 1e-3 for _, v in _history(cfg, result.run_id, f"weight/{task}")), task
+    meta = json.loads((Path(result.run_dir) / "final_model" / "mtl_model.json").read_text())
+    assert meta["adapters"] == ["shared"]
+    # the base went through bf16 and back: compared in bf16, it is the reference's base
+    reference = {k: v.bfloat16().float() for k, v in base_backbone("tiny-llama").state_dict().items()}
+    assert meta["base_sha256"] == base_digest(reference)
