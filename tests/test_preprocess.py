@@ -40,9 +40,10 @@ def _tsv_rows(path: Path, header: bool = True) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def glue(glue_dir, cache_dir):
+def glue(glue_dir, tmp_path_factory):
+    """SST-2, MRPC and STS-B built here (a cache of their own: other tests may have cached them already)."""
     logs: list[str] = []
-    cfg = _cfg(cache_dir, "{sst2: {}, mrpc: {}, stsb: {}}", glue_dir=glue_dir)
+    cfg = _cfg(tmp_path_factory.mktemp("glue-cache"), "{sst2: {}, mrpc: {}, stsb: {}}", glue_dir=glue_dir)
     return cfg, prepare_tasks(cfg, log=logs.append), logs
 
 
@@ -131,7 +132,7 @@ def test_repeated_small_split_gives_each_worker_its_own_part_several_times(glue)
     assert {"input_ids", "label", "id", "drop_reason"} <= set(prepared["sst2"].columns("train"))
 
 
-def test_second_run_hits_the_cache(glue, glue_dir, cache_dir, capsys):
+def test_second_run_hits_the_cache(glue, glue_dir, capsys):
     cfg, first, _ = glue
     logs: list[str] = []
     again = prepare_tasks(cfg, log=logs.append, bar=True)
@@ -140,7 +141,7 @@ def test_second_run_hits_the_cache(glue, glue_dir, cache_dir, capsys):
     assert all("cache hit" in line for line in logs) and len(logs) == 3
     bar = capsys.readouterr().err  # the tqdm bar over the tasks, at its end
     assert "preprocess: 100%" in bar and "3/3" in bar, bar
-    other = prepare_tasks(_cfg(cache_dir, "{mrpc: {}}", "model.max_length=32", glue_dir=glue_dir), log=logs.append)
+    other = prepare_tasks(_cfg(cfg.data.cache_dir, "{mrpc: {}}", "model.max_length=32", glue_dir=glue_dir), log=logs.append)
     assert not other["mrpc"].cache_hit and other["mrpc"].path != first["mrpc"].path  # lengths are in the key
     assert max(r["num_tokens"] for r in other["mrpc"].dataset("train", limit=300).take_all()) <= 32
 
@@ -272,10 +273,10 @@ def test_pinned_cache_path_refuses_another_tokenizer_and_keeps_its_data(tmp_path
     assert sorted(p.name for p in pinned.iterdir()) == ["mrpc"]  # no temporary or old folders left
 
 
-def test_preprocess_job_reports_a_table_and_cache_hits(ray_session, glue, cache_dir, glue_dir):
+def test_preprocess_job_reports_a_table_and_cache_hits(ray_session, glue, glue_dir):
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, "jobs/preprocess.py", "--config", "jobs/configs/glue.yaml", f"data.glue_dir={glue_dir}",
-           f"data.cache_dir={cache_dir}", "tasks={sst2: {}, mrpc: {}, stsb: {}}"]
+           f"data.cache_dir={glue[0].data.cache_dir}", "tasks={sst2: {}, mrpc: {}, stsb: {}}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     table = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line[:4] in ("sst2", "mrpc", "stsb")}
