@@ -44,6 +44,47 @@ def mlflow_uri(folder: Path) -> str:
     return f"sqlite:///{db}"
 
 
+def serve_predictions(model_uri: str, tracking_uri: str, records: list[dict], cwd: Path) -> list[dict]:
+    """`mlflow models serve` of a registered model on 127.0.0.1 (local env), one REST request with `records`,
+    the server stopped again: the reply's predictions."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    bindir = str(Path(sys.executable).parent)  # the server execs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    server = subprocess.Popen([str(Path(bindir) / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)],
+                              cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, reply = time.monotonic() + 240, None
+        body = json.dumps({"dataframe_records": records}).encode()
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+                break
+            except OSError:
+                time.sleep(2)
+        assert reply is not None, (server.stdout.read()[-4000:] if server.poll() is not None else "server did not answer")
+        return reply["predictions"]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
     if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import mlflow_uri
+from conftest import mlflow_uri, serve_predictions
 from test_export import _check_same
 
 from pipeline.config import load_config
@@ -101,12 +101,6 @@ def test_lora_trains_adapters_and_heads_only_and_exports(lora_run):
 def test_registered_bundle_is_tagged_and_served_over_rest(lora_run):
     """The final model registered as a bundle (base by reference, adapters, heads), tagged with its tasks and
     adapter sizes beside the full model's size, then served by `mlflow models serve` for every task."""
-    import os
-    import signal
-    import socket
-    import time
-    import urllib.request
-
     from mlflow.tracking import MlflowClient
 
     cfg, _, result, tmp = lora_run
@@ -121,40 +115,13 @@ def test_registered_bundle_is_tagged_and_served_over_rest(lora_run):
     assert all(int(tags[f"adapter_params.{t}"]) > 0 for t in ("rotten_tomatoes", "stsb", "xsum"))
     assert int(tags["artifact_bytes"]) < int(tags["full_model_bytes"]) / 2, tags  # the bundle does not carry the base
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", "models:/lora-tiny@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline, reply = time.monotonic() + 240, None
-        body = json.dumps({"dataframe_records": [
-            {"task": "rotten_tomatoes", "text": "a warm, funny film", "text_pair": ""},
-            {"task": "stsb", "text": "A man is playing a guitar.", "text_pair": "A man plays the guitar."},
-            {"task": "xsum", "text": "The council said the bridge would close for repairs next week.", "text_pair": ""}]}).encode()
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                                 headers={"Content-Type": "application/json"})
-                reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
-                break
-            except OSError:
-                time.sleep(2)
-        assert reply is not None, (server.stdout.read()[-4000:] if server.poll() is not None else "server did not answer")
-        rows = reply["predictions"]
-        assert [r["task"] for r in rows] == ["rotten_tomatoes", "stsb", "xsum"]
-        assert rows[0]["label_id"] in (0, 1) and isinstance(rows[1]["score"], float)
-        assert isinstance(rows[2]["summary"], str) and rows[0].get("summary") is None
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+    rows = serve_predictions("models:/lora-tiny@champion", uri, [
+        {"task": "rotten_tomatoes", "text": "a warm, funny film", "text_pair": ""},
+        {"task": "stsb", "text": "A man is playing a guitar.", "text_pair": "A man plays the guitar."},
+        {"task": "xsum", "text": "The council said the bridge would close for repairs next week.", "text_pair": ""}], tmp)
+    assert [r["task"] for r in rows] == ["rotten_tomatoes", "stsb", "xsum"]
+    assert rows[0]["label_id"] in (0, 1) and isinstance(rows[1]["score"], float)
+    assert isinstance(rows[2]["summary"], str) and rows[0].get("summary") is None
 
 
 @pytest.mark.slow  # default tier: LoRA in fp32 with static weights (above); bf16 and FAMO each with full fine-tuning

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import mlflow_uri
+from conftest import mlflow_uri, serve_predictions
 
 from pipeline.data.preprocess import prepare_tasks
 
@@ -114,44 +110,12 @@ def test_champion_in_a_fresh_process_reproduces_the_run(registered):
             assert abs(history[-1].value - value) <= 1e-6, (task, metric)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_mlflow_models_serve_answers_a_rest_request(registered):
     _, result, tmp = registered
-    port = _free_port()
-    bindir = str(Path(sys.executable).parent)  # the server execs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"{mlflow_uri(tmp)}",
-           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline, reply = time.monotonic() + 240, None
-        body = json.dumps({"dataframe_records": [
-            {"task": "rotten_tomatoes", "text": "a warm, funny film", "text_pair": ""},
-            {"task": "bbc_news", "text": "Shares fell after the bank raised rates.", "text_pair": ""},
-            {"task": "xsum", "text": "The council said the bridge would close for repairs next week.", "text_pair": ""}]}).encode()
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                                 headers={"Content-Type": "application/json"})
-                reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
-                break
-            except OSError:
-                time.sleep(2)
-        assert reply is not None, (server.stdout.read()[-4000:] if server.poll() is not None else "server did not answer")
-        rows = reply["predictions"]
-        assert [r["task"] for r in rows] == ["rotten_tomatoes", "bbc_news", "xsum"]
-        assert rows[0]["label_id"] in (0, 1) and rows[1]["label"] in ("business", "entertainment", "politics", "sports", "tech")
-        assert isinstance(rows[2]["summary"], str) and rows[0].get("summary") is None
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+    rows = serve_predictions(f"models:/{NAME}@champion", mlflow_uri(tmp), [
+        {"task": "rotten_tomatoes", "text": "a warm, funny film", "text_pair": ""},
+        {"task": "bbc_news", "text": "Shares fell after the bank raised rates.", "text_pair": ""},
+        {"task": "xsum", "text": "The council said the bridge would close for repairs next week.", "text_pair": ""}], tmp)
+    assert [r["task"] for r in rows] == ["rotten_tomatoes", "bbc_news", "xsum"]
+    assert rows[0]["label_id"] in (0, 1) and rows[1]["label"] in ("business", "entertainment", "politics", "sports", "tech")
+    assert isinstance(rows[2]["summary"], str) and rows[0].get("summary") is None
