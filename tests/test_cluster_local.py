@@ -1,6 +1,6 @@
 """The cluster path end to end: `cluster/local/start.sh` (a real Ray head and MLflow server on 127.0.0.1),
 `ray job submit` of the train job exactly as the README shows (in its --smoke form: the main job's CI
-check) and of the evaluate job, the run found through the
+check) and (slow tier) of the evaluate job, the run found through the
 MLflow server's REST API with its metrics and model artifact, then `stop.sh` and nothing left running.
 
 Isolated from the test session's own Ray (two Ray instances on one machine confuse Ray Train's
@@ -161,7 +161,19 @@ def test_jobs_submitted_to_the_local_cluster_track_into_the_mlflow_server(local_
     assert (run_dir / "run.json").is_file() and (run_dir / "final_model" / "mtl_model.json").is_file()
     assert [p.name for p in run_dir.glob("step_*")] == ["step_0000008"]  # --smoke checkpoints at its last step
 
-    # a second job on the same cluster: evaluate the run by name from the storage URI, recorded in MLflow
+    local_cluster["trained"] = {"run": run, "storage": storage, "experiment": experiment, "metrics": metrics}
+
+
+@pytest.mark.slow  # default tier: the evaluate job in process, on a run by name in a storage URI (tests/test_evaluate.py)
+def test_evaluate_job_submitted_to_the_cluster_scores_the_run_by_name(local_cluster):
+    """A second job on the same cluster: evaluate the train job's run by name from the storage URI, recorded in
+    MLflow; its results land in MTL_HOME, not in the job's temporary working dir."""
+    if "trained" not in local_cluster:
+        pytest.skip("needs the train job of test_jobs_submitted_to_the_local_cluster_track_into_the_mlflow_server")
+    env, tmp = local_cluster["env"], local_cluster["tmp"]
+    run, storage, experiment, metrics = (local_cluster["trained"][k] for k in ("run", "storage", "experiment", "metrics"))
+    api = local_cluster["mlflow"] + "/api/2.0/mlflow"
+    run_id = run["info"]["run_id"]
     evaluate = _run([str(BIN / "ray"), "job", "submit", "--address", local_cluster["dashboard"],
                      "--working-dir", ".", "--runtime-env", "cluster/runtime_env.yaml", "--",
                      "python", "jobs/evaluate.py", "--model", run["info"]["run_name"], "--storage-path", storage,

@@ -30,8 +30,8 @@ def _cfg(tmp: Path, cache_dir: Path, glue_dir: Path, stage: int, steps: int):
         "name=lora", "model.name=tiny-llama", "model.max_target_length=12", f"tasks={TASKS}",
         f"data.glue_dir={glue_dir}", "model.adapter={r: 8, alpha: 16, dropout: 0.0, per_task: true}",
         "train.num_workers=2", "train.cpus_per_worker=0.5", f"train.zero_stage={stage}", f"train.steps={steps}",
-        "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=0", "train.log_every=4", "train.eval_every=20",
-        "train.checkpoint_every=20", "train.eval_batch_size=16", f"train.storage_path={tmp / 'runs'}",
+        "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=0", "train.log_every=4", "train.eval_every=40",
+        "train.checkpoint_every=40", "train.eval_batch_size=16", f"train.storage_path={tmp / 'runs'}",
         f"tracking.uri={mlflow_uri(tmp)}", f"data.cache_dir={cache_dir}"])
 
 
@@ -48,7 +48,8 @@ CASES = [pytest.param((3, False), id="zero3"), pytest.param((3, True), id="zero3
 
 @pytest.fixture(scope="module", params=CASES)
 def lora_run(request, tmp_path_factory, cache_dir, glue_dir):
-    """40 steps, straight or as 20 steps resumed to 40: (config, first result, final result, temp folder)."""
+    """40 steps, straight or as 20 steps resumed to 40: (config, first result, final result, temp folder). A run
+    evaluates and checkpoints at its last step, so the resumed case still has a step-20 checkpoint."""
     stage, resumed = request.param
     tmp = tmp_path_factory.mktemp(f"lora{stage}")
     first = train_driver(_cfg(tmp, cache_dir, glue_dir, stage, 20), log=lambda _: None) if resumed else None
