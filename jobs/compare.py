@@ -10,10 +10,14 @@ training-loss plot (PNG) to every model's MLflow run.
     python jobs/compare.py --budget small --tuned best_config.yaml data.glue_dir=path/to/glue
     python jobs/compare.py --budget small --variant annealed=sampling.strategy=annealed \
         --variant famo=train.weighting=famo data.glue_dir=path/to/glue          # more multi-task rows
+    python jobs/compare.py --config jobs/configs/lora_smollm2.yaml --skip-single-task --base-label "per-task LoRA" \
+        --variant "shared LoRA=model.adapter.per_task=false" \
+        --variant "full fine-tuning=model.adapter=null,train.lr=1e-4,train.head_lr_mult=10"   # adapters vs full
 
 Every row is trained with `--seeds` seeds (the seed changes head initialisation, data order and the
 sampler's draws; the pretrained weights and the dev rows stay the same). Each cell is the mean ± 95%
-confidence interval over seeds; a table of paired differences (by seed) says which claims hold.
+confidence interval over seeds; a table of paired differences (by seed) says which claims hold. A floor row
+(majority class, first sentence as the summary) shows what every model must beat.
 Finished models are recorded in `<out>/comparison.units.jsonl`: rerun the same command to continue.
 
 Budget semantics (the paper's same-data comparison): each single-task model gets exactly as many
@@ -59,6 +63,8 @@ def parser():
     p.add_argument("--out", default="compare_results", help="output folder (default: %(default)s)")
     p.add_argument("--skip-single-task", action="store_true", help="only the multi-task and Bi-LSTM rows")
     p.add_argument("--seeds", type=positive, help="seeds per row (default: 3 with --budget small, else 1)")
+    p.add_argument("--base-label", help="what the config's own multi-task row is called in the report "
+                   "(default: equal weights), e.g. 'per-task LoRA'")
     p.add_argument("--variant", type=variant, action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                    help="another multi-task row: the config with these overrides (repeatable)")
     return p
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or SEEDS.get(args.budget, 1)
     report = run_comparison(cfg, config_path, output_dir(args.out), command, seeds=seeds,
                             variants=dict(args.variant), tuned=args.tuned,
-                            skip_single_task=args.skip_single_task, say=lambda line: print(line, flush=True))
+                            skip_single_task=args.skip_single_task, base_label=args.base_label, say=lambda line: print(line, flush=True))
     print(f"done in {(time.monotonic() - start) / 60:.1f} min -> {report}")
     return 0
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -105,6 +107,47 @@ def run_bilstm(cfg: Config, prepared: dict, task: str, steps: int, dev_rows: dic
     return Row(f"Bi-LSTM + attention ({task})", {task: metrics}, steps, wall, run_ids)
 
 
+ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "prof", "gen", "gov", "sen", "rep", "rev", "jr", "sr", "no", "vs",
+                 "etc", "u.s", "u.k", "e.g", "i.e", "jan", "feb", "aug", "sept", "oct", "nov", "dec", "inc", "ltd", "co"}
+
+
+def lead_sentence(document: str) -> str:
+    """The document's first sentence: the summarization literature's 'lead' baseline (XSum's paper, Narayan et
+    al. 2018, reports LEAD at ROUGE-1/2/L 16.30/1.60/11.95 on its test set). A sentence ends at . ! or ?
+    (with any closing quotes) before a space and a capital, a digit or a quote, unless the word is a common
+    abbreviation (nltk's punkt would do this better, but its model is a download and this runs offline)."""
+    text = " ".join(document.split())
+    for match in re.finditer(r"[.!?][\"')\]]*(?= [A-Z0-9\"'])", text):
+        word = text[:match.start()].rsplit(" ", 1)[-1].lower().strip("\"'(")
+        if text[match.start()] == "." and (word in ABBREVIATIONS or len(word) == 1):
+            continue
+        return text[:match.end()]
+    return text
+
+
+def floor_row(cfg: Config, prepared: dict, specs: dict[str, TaskSpec]) -> Row:
+    """What every model must beat, on the same dev rows: the training split's majority class for
+    classification and the document's first sentence for summarization. Regression has none (a constant has
+    no correlation): n/a. No training, no seeds."""
+    from collections import Counter
+
+    from pipeline.eval.metrics import task_metrics
+
+    metrics: dict[str, dict[str, float]] = {}
+    for t, spec in specs.items():
+        dev = prepared[t].table("validation", limit=cfg.tasks[t].max_rows.get("validation"), shuffle_seed=cfg.data.dev_seed)
+        if spec.kind == "classification":
+            train = prepared[t].table("train", limit=cfg.tasks[t].max_rows.get("train"), shuffle_seed=cfg.seed,
+                                      columns=["label"])
+            majority = Counter(int(v) for v in train["label"].to_pylist()).most_common(1)[0][0]
+            with warnings.catch_warnings():  # F1 of a one-class prediction: sklearn warns, the value (0 or low) stands
+                warnings.simplefilter("ignore")
+                metrics[t] = task_metrics(spec, [majority] * dev.num_rows, dev["label"].to_pylist())
+        elif spec.kind == "summarization":
+            metrics[t] = task_metrics(spec, [lead_sentence(d) for d in dev["text"].to_pylist()], dev["target"].to_pylist())
+    return Row(FLOOR, metrics, 0, 0.0, note="no training")
+
+
 def merge_rows(name: str, rows: list[Row], note: str = "") -> Row:
     """Per-task models shown as one row (one column group per task)."""
     metrics: dict[str, dict[str, float]] = {}
@@ -141,7 +184,7 @@ def table_markdown(rows: list[Row], specs: dict[str, TaskSpec], notes: list[str]
                 cells.append(interval(values).text(100) if values else "n/a")
         glue, everything = r.scores(specs), r.scores(specs, ("classification", "regression", "summarization"))
         cells += [interval(glue).text() if glue else "n/a", interval(everything).text() if everything else "n/a",
-                  str(r.steps), f"{r.wall_seconds / 60:.1f} min",
+                  *((str(r.steps), f"{r.wall_seconds / 60:.1f} min") if r.steps else ("—", "—")),
                   ", ".join(i[:8] for i in r.run_ids) or "—"]
         lines.append("| " + " | ".join(cells) + " |")
     sub = [f"- {n}" for n in notes]
@@ -167,6 +210,7 @@ def loss_figure(curves: dict[str, list[tuple[int, float]]], title: str):
 MTL = "multi-task (equal weights)"
 SINGLE = "single-task"
 BILSTM = "Bi-LSTM + attention"
+FLOOR = "floor: majority class / lead sentence"
 UNITS = "comparison.units.jsonl"
 
 
@@ -239,12 +283,14 @@ class Units:
 
 def run_comparison(cfg: Config, config_path: str, out: Path, command: str, *, seeds: int = 1,
                    variants: dict[str, list[str]] | None = None, tuned: str | None = None,
-                   skip_single_task: bool = False, say: Callable[[str], None] = print) -> Path:
+                   skip_single_task: bool = False, base_label: str | None = None,
+                   say: Callable[[str], None] = print) -> Path:
     """Train and score every row with `seeds` seeds (cfg.seed, cfg.seed + 1, ...) on the same tasks and dev
     rows; write comparison.md / .json / .png to `out`, log a loss plot to every model's run and the table to a
     comparison run. Per seed the multi-task run trains first: its sampler's per-task step counts are that
     seed's single-task and Bi-LSTM budgets. Finished models are recorded in `out/comparison.units.jsonl`;
-    rerunning the same command continues where it stopped. Returns the Markdown report's path."""
+    rerunning the same command continues where it stopped. `base_label` renames the config's own multi-task
+    row in the report (default: "equal weights"). Returns the Markdown report's path."""
     from pipeline.data.preprocess import prepare_tasks
     from pipeline.train.driver import dev_rows, train_driver
 
@@ -291,10 +337,14 @@ def run_comparison(cfg: Config, config_path: str, out: Path, command: str, *, se
                                                       tracking))
 
     rows = [r for r in (units.row(n, seed_list) for n in [*mtl_configs, SINGLE, BILSTM]) if r is not None]
+    rows.append(floor_row(cfg, prepared, specs))
     claims = paired_claims(rows, specs)
+    base = {MTL: f"multi-task ({base_label})"} if base_label else {}
+    for c in claims:
+        c.left, c.right = base.get(c.left, c.left), base.get(c.right, c.right)
     for r in rows:  # the table's names say what the per-task rows are
         r.model = {SINGLE: f"single-task ({cfg.model.name}, one model per task)",
-                   BILSTM: f"{BILSTM} (from scratch, one per task)"}.get(r.model, r.model)
+                   BILSTM: f"{BILSTM} (from scratch, one per task)", **base}.get(r.model, r.model)
     task_steps = {u["seed"]: u["task_steps"] for (r, _, _), u in units.done.items() if r == MTL}
     report = (f"# Comparison: {cfg.name}\n\nCommand: `{command}`\n\nSeeds: {', '.join(map(str, seed_list))} "
               f"(mean ± 95% confidence interval, Student t over seeds)\n\n"
@@ -440,6 +490,9 @@ def notes(cfg: Config, steps: dict[str, int]) -> list[str]:
         "`GLUE-style avg` averages the classification/regression primary metrics; `all-task score` adds "
         "ROUGE-1 for summarization (the training runs' multi-task score).",
     ]
+    lines.append(f"`{FLOOR}`: what a model must beat on the same dev rows, without training: every dev row given "
+                 "the training split's most frequent class, every document summarized by its first sentence (LEAD); "
+                 "regression has no such floor (n/a).")
     if summarization:
         lines.append(f"Bi-LSTM rows have no summarization model ({', '.join(summarization)}: n/a); the paper's "
                      "LSTM encoder-decoder baseline is not implemented.")

@@ -143,6 +143,21 @@ def test_seeded_comparison_resumes_and_says_which_claims_hold(cfg, tmp_path, ray
     assert f"| {expected.mean:+.1f} | [{expected.low:+.1f}, {expected.high:+.1f}] | within noise |" in claim
     assert "| multi-task (hi-lr) − multi-task (equal weights) | xsum | rouge1 | +5.5 |" in report
     assert "are within noise: no claim either way" in report
+    # the floor row, on the same dev rows: the training split's majority class, the documents' first sentences
+    from collections import Counter
+
+    from pipeline.compare import FLOOR, lead_sentence
+    from pipeline.data.preprocess import prepare_tasks
+    from pipeline.eval.metrics import rouge
+    prepared = prepare_tasks(cfg, log=lambda _: None)
+    labels = prepared["bbc_news"].table("train", shuffle_seed=0, columns=["label"])["label"].to_pylist()
+    majority = Counter(labels).most_common(1)[0][0]
+    dev = prepared["bbc_news"].table("validation", limit=60, shuffle_seed=cfg.data.dev_seed)["label"].to_pylist()
+    assert len(dev) == 60 and 0 < dev.count(majority) < 60
+    assert lines[FLOOR].split(" | ")[2] == f"{100 * dev.count(majority) / 60:.1f}"  # bbc_news accuracy
+    docs = prepared["xsum"].table("validation", shuffle_seed=cfg.data.dev_seed).to_pylist()
+    lead = rouge([lead_sentence(d["text"]) for d in docs], [d["target"] for d in docs], ["rouge1"])["rouge1"]
+    assert lines[FLOOR].split(" | ")[3] == f"{100 * lead:.1f}" and 0.05 < lead < 0.4, lead
 
     saved = json.loads((out / "comparison.json").read_text())
     assert saved["seeds"] == [0, 1]
@@ -161,6 +176,19 @@ def test_seeded_comparison_resumes_and_says_which_claims_hold(cfg, tmp_path, ray
                            variants={"hi-lr": ["train.lr=2.0e-4"]}, say=said.append)
     assert len((out / "comparison.units.jsonl").read_text().splitlines()) == len(recorded)  # nothing retrained
     assert again.read_text().split("Command")[1] == report.split("Command")[1]
+
+
+@pytest.mark.parametrize("document, first", [
+    ("The club said on Monday. Mr. Smith left.", "The club said on Monday."),
+    ("Mr. Smith of the U.S. Army left on Monday. The end.", "Mr. Smith of the U.S. Army left on Monday."),
+    ('He said: "We won." Then he went home.', 'He said: "We won."'),
+    ("Is it over?  Not yet!\nNo.", "Is it over?"),
+    ("no sentence end at all", "no sentence end at all"),
+    ("Prices rose 2.5 per cent. Shares fell.", "Prices rose 2.5 per cent."),
+])
+def test_lead_sentence_is_the_first_sentence(document, first):
+    from pipeline.compare import lead_sentence
+    assert lead_sentence(document) == first
 
 
 def test_seeds_figure_shows_every_seed_and_the_interval():
