@@ -298,7 +298,7 @@ def _check_labels(spec: TaskSpec, counts: dict, examples: list, resolved: Resolv
                    if numbers * 2 >= bad else "fix the label column or the task's label_names/num_labels/label_range")
             problems.append(Problem(
                 f"{where} (task {spec.name}, split {split})",
-                what + " (e.g. rows " + ", ".join(f"{e['id']} {e['text'][:40]!r}" for e in rows[:3]) + ")",
+                what + " (e.g. rows " + ", ".join(f"{e['id']} (text {e['text'][:40]!r})" for e in rows[:3]) + ")",
                 f"{fix}; up to data.max_bad_labels={limit:g} of a split such rows are dropped and counted instead"))
     if problems:
         raise PipelineError(problems)
