@@ -20,10 +20,7 @@ confidence interval over seeds; a table of paired differences (by seed) says whi
 (majority class, first sentence as the summary) shows what every model must beat.
 Finished models are recorded in `<out>/comparison.units.jsonl`: rerun the same command to continue.
 
-Budget semantics (the paper's same-data comparison): each single-task model gets exactly as many
-optimizer steps on its task (same batch size) as the multi-task run's sampler drew for that task;
-each Bi-LSTM gets the same number of steps. The multi-task run is trained first for that reason.
-With the CPU backbone (minilm-l6) the single-task rows are also the paper's BERT-style baseline.
+Budget semantics and the row definitions: pipeline/compare.py and docs/guide.md ("The paper's comparison").
 """
 
 from __future__ import annotations
