@@ -5,7 +5,8 @@ tests/bench/results/<name>.{json,md} (and the index tests/bench/RESULTS.md). The
 on a number.
 
     preprocess  our Ray Data preprocessing vs datasets.map(batched=True, num_proc=2), SST-2 train (--glue-dir)
-    train       tokens/s of the training job at 1 and 2 workers × ZeRO 0-3 vs a plain PyTorch loop,
+    train       tokens/s of the training job at 1 and 2 workers × ZeRO 0-3 vs the same loop under torchrun
+                (no Ray) and a plain PyTorch loop,
                 equal cores, with a per-phase breakdown (data, forward, backward, step, comm)
     memory      per-rank model-state bytes (parameters, gradients, optimizer) and peak RSS for ZeRO 0-3
                 and optimizer offload, 2 workers, SmolLM2-135M, next to the ZeRO paper's formulas
@@ -22,6 +23,7 @@ Examples:
     python jobs/benchmark.py preprocess --glue-dir path/to/glue
     python jobs/benchmark.py train --config jobs/configs/bench_train.yaml
     python jobs/benchmark.py train --config jobs/configs/bench_train.yaml --stages 0,2 --workers 2
+    python jobs/benchmark.py train --config jobs/configs/bench_train_short.yaml data.glue_dir=path/to/glue   # short rows
     python jobs/benchmark.py memory
     python jobs/benchmark.py tune
     python jobs/benchmark.py generate

@@ -94,13 +94,17 @@ def glue_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Ray, started once for the whole session (2 CPUs). The dashboard (on 127.0.0.1) serves the State
+    """Ray, started once for the whole session (2 CPUs), or the cluster at $RAY_ADDRESS. The dashboard (on 127.0.0.1) serves the State
     API, which Ray Train's placement-group cleaner needs to free a killed driver's worker groups."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}
+    if ray.is_initialized():
+        pass
+    elif os.environ.get("RAY_ADDRESS"):  # a running cluster (`ray start --head`), e.g. shared with a long job
+        ray.init(log_to_driver=False, runtime_env=env)
+    else:
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False, runtime_env=env)
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False
     yield ray

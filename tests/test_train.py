@@ -171,8 +171,37 @@ def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
     assert all(run["plain"]["phases_s"][p] > 0 for p in ("forward", "backward", "step"))
     assert run["plain"]["measured_tokens"] > 0 and run["job"]["measured_tokens"] > 0
     assert 0 < run["plain"]["cpu_use"] and 0 < run["job"]["cpu_use"]
+    native = run["torchrun"]  # the third side: the same loop under torchrun, no Ray
+    assert native["tokens_per_s"] > 0 and len(native["windows"]) == 5
+    assert native["task_steps"] == run["job"]["task_steps"]  # the same seeded task sequence on both sides
+    assert run["ray_ratio"] * run["deepspeed_ratio"] == pytest.approx(run["ratio"])
     md = (tmp_path / "train.md").read_text()
+    assert "job / torchrun (Ray)" in md and "| torchrun + DeepSpeed, 2 process(es), ZeRO-2 |" in md
     assert "job / plain" in md and "| plain PyTorch (run before the next row) |" in md and "CPU use" in md and (tmp_path / "RESULTS.md").read_text().count("## Benchmark: training throughput") == 1
+
+
+def test_torchrun_side_runs_the_jobs_loop_without_ray(tmp_path, cache_dir):
+    """The training benchmark's third side: torchrun starts 2 processes (gloo) that build the job's DeepSpeed
+    engine and run its train_step and Window over their shares of the cached rows; the task sequence is the
+    job's (the same TaskSampler), and every window is measured: tokens/s, phases, every sample of the 12 steps."""
+    from pipeline.benchmarks.torchrun_side import launch
+    from pipeline.data.preprocess import prepare_tasks
+    from pipeline.train.driver import mixture
+    from pipeline.train.mixing import normalise_weights
+
+    cfg = _cfg(tmp_path, cache_dir, "train.steps=12", "train.log_every=4", "train.warmup_steps=0", "train.profile=true")
+    prepared = prepare_tasks(cfg, log=lambda _: None)
+    rows = {t: min(p.rows("train"), 512) for t, p in prepared.items()}
+    out = launch(cfg, prepared, mixture(cfg, rows), normalise_weights({t: 1.0 for t in rows}), timeout=600)
+    sampler = TaskSampler(mixture(cfg, rows), cfg.seed)
+    for _ in range(12):
+        sampler.next()
+    assert out["world"] == 2 and out["task_steps"] == sampler.counts
+    windows = out["windows"]
+    assert len(windows) == 3 and all(w["tokens_per_s"] > 0 for w in windows)
+    assert all(w["time/forward"] > 0 and w["time/backward"] > 0 for w in windows)  # profiled, as the job's windows
+    assert sum(w["samples_per_s"] * w["time/window"] for w in windows) == pytest.approx(12 * 2 * 16, rel=1e-6)  # every row
+    assert {k for w in windows for k in w if k.startswith("loss/")} == {"loss/rotten_tomatoes", "loss/bbc_news", "loss/total"}
 
 
 # tiny-llama in the slow tier: the causal-LM path is trained in the default tier by

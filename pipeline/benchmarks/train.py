@@ -91,6 +91,21 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict[str, Any]:
             "threads": threads, "global_batch": batch, "flops_per_token": flops_token, "mean_tokens_per_row": seq}
 
 
+def torchrun_side(cfg, prepared, mixture, weights) -> dict[str, Any]:
+    """The job's loop launched by torchrun, without Ray (pipeline/benchmarks/torchrun_side.py)."""
+    from pipeline.benchmarks.torchrun_side import launch
+    out = launch(cfg, prepared, mixture, weights)
+    windows = out["windows"][1:]  # the first window holds warm-up, as on the job side
+    rates = [w["tokens_per_s"] for w in windows]
+    phases = {p: sum(w.get(f"time/{p}", 0.0) for w in windows) for p in PHASES + ("comm",)}
+    measured = sum(w.get("time/window", 0.0) for w in windows)
+    tokens = sum(w["tokens_per_s"] * w.get("time/window", 0.0) for w in windows)
+    cpu = sum(w.get("time/cpu", 0.0) for w in windows)
+    return {"tokens_per_s": median(rates), "windows": rates, "wall_s": out["wall_s"], "phases_s": phases,
+            "measured_s": measured, "measured_tokens": tokens, "task_steps": out["task_steps"],
+            "cpu_use": cpu / (measured * cfg.train.cpus_per_worker) if measured else None}
+
+
 def job_side(cfg) -> dict[str, Any]:
     from pipeline.tracking import metric_history, run_metrics
     from pipeline.train.driver import train_driver
@@ -108,6 +123,7 @@ def job_side(cfg) -> dict[str, Any]:
     startup = result.wall_seconds - sum(windows) - sum(series("time/paused"))
     memory = {k.split("/", 1)[1]: v for k, v in run_metrics(result.tracking_uri, result.run_id).items() if k.startswith("memory/")}
     return {"tokens_per_s": median(rates), "windows": rates, "wall_s": result.wall_seconds, "run": result.run_name,
+            "task_steps": result.task_steps,
             "startup_s": startup, "first_window_s": windows[0] if windows else None,
             "phases_s": phases, "measured_s": train_s, "measured_tokens": tokens, "memory": memory,
             "cpu_use": cpu / (train_s * cfg.train.cpus_per_worker) if train_s else None}
@@ -124,6 +140,7 @@ def _mfu(flops_token: float, tokens_per_s: float, gpus: int) -> float | None:
 def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: float = 2.0) -> tuple[dict, str]:
     from pipeline.data.preprocess import prepare_tasks
     from pipeline.runtime import init_ray
+    from pipeline.train.driver import mixture
     from pipeline.train.mixing import normalise_weights, sampling_ratios
 
     init_ray()
@@ -141,12 +158,17 @@ def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: f
             print(f"plain PyTorch loop, {int(total_cpus)} threads, global batch {global_batch} ...", flush=True)
             plain = plain_loop(per_worker, prepared, ratios, weights)
             c = per_worker.model_copy(update={"train": per_worker.train.model_copy(update={"zero_stage": stage})})
+            print(f"torchrun + DeepSpeed: {n} process(es) × {total_cpus / n:g} CPU, ZeRO-{stage} ...", flush=True)
+            native = torchrun_side(c, prepared, mixture(c, rows), weights)
             print(f"training job: {n} worker(s) × {total_cpus / n:g} CPU, ZeRO-{stage} ...", flush=True)
             job = job_side(c)
-            print(f"  {job['tokens_per_s']:,.0f} tokens/s (plain {plain['tokens_per_s']:,.0f})", flush=True)
+            print(f"  {job['tokens_per_s']:,.0f} tokens/s (torchrun {native['tokens_per_s']:,.0f}, "
+                  f"plain {plain['tokens_per_s']:,.0f})", flush=True)
             flops = plain["flops_per_token"] * job["tokens_per_s"]
-            sides.append({"workers": n, "zero_stage": stage, "job": job, "plain": plain,
-                          "ratio": job["tokens_per_s"] / plain["tokens_per_s"], "model_tflops": flops / 1e12,
+            sides.append({"workers": n, "zero_stage": stage, "job": job, "plain": plain, "torchrun": native,
+                          "ratio": job["tokens_per_s"] / plain["tokens_per_s"],
+                          "ray_ratio": job["tokens_per_s"] / native["tokens_per_s"],
+                          "deepspeed_ratio": native["tokens_per_s"] / plain["tokens_per_s"], "model_tflops": flops / 1e12,
                           "mfu": _mfu(plain["flops_per_token"], job["tokens_per_s"], n) if c.train.use_gpu else None})
     result = {"benchmark": "train", "command": command, "machine": machine(), "model": cfg.model.name,
               "tasks": list(prepared), "steps": cfg.train.steps, "log_every": cfg.train.log_every,
@@ -166,16 +188,25 @@ def markdown(r: dict) -> str:
         f"Model FLOPs per token (6 × non-embedding parameters + attention, PaLM's MFU definition): "
         f"{plain['flops_per_token']:.3g} at {plain['mean_tokens_per_row']:.0f} tokens per row; MFU is reported when "
         "the job trains on GPUs (on CPU the achieved model TFLOP/s is shown).", "",
-        "| workers | ZeRO | tokens/s | plain tokens/s | job / plain | model TFLOP/s | MFU | start-up + end s | data | forward | backward "
+        "Three sides per row, run back to back: the job (Ray Train + Ray Data + DeepSpeed), the same loop launched by "
+        "`torchrun` with the same DeepSpeed engine, world size, batch, task sequence and rows but no Ray "
+        "(pipeline/benchmarks/torchrun_side.py), and the plain single-process loop. job / torchrun is Ray's cost "
+        "(Ray's own claim for Ray Train: within 2.5% of native, i.e. ≥ 0.975); torchrun / plain is DeepSpeed's and "
+        "data parallelism's; their product is job / plain.", "",
+        "| workers | ZeRO | tokens/s | torchrun tokens/s | plain tokens/s | job / torchrun (Ray) | torchrun / plain "
+        "(DeepSpeed + DP) | job / plain | model TFLOP/s | MFU | start-up + end s | data | forward | backward "
         "| step | other | comm (within backward + step) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in r["runs"]:
         j = s["job"]
         total = j["measured_s"] or 1.0
         pct = " | ".join(f"{100 * j['phases_s'].get(p, 0) / total:.0f}%" for p in PHASES + ("comm",))
         startup = f"{j['startup_s']:.0f}" if j.get("startup_s") is not None else "—"
         mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a (CPU)"
-        md.append(f"| {s['workers']} | {s['zero_stage']} | {j['tokens_per_s']:,.0f} | {s['plain']['tokens_per_s']:,.0f} | "
+        native = s.get("torchrun")
+        three = (f"{native['tokens_per_s']:,.0f} | {s['plain']['tokens_per_s']:,.0f} | **{s['ray_ratio']:.2f}×** | "
+                 f"{s['deepspeed_ratio']:.2f}× | " if native else f"— | {s['plain']['tokens_per_s']:,.0f} | — | — | ")
+        md.append(f"| {s['workers']} | {s['zero_stage']} | {j['tokens_per_s']:,.0f} | {three}"
                   f"**{s['ratio']:.2f}×** | "
                   f"{s['model_tflops']:.4f} | {mfu} | {startup} | {pct} |")
     md += ["", "Where the time goes, in wall-clock ms per 1,000 tokens of the global batch (rank 0's clock on the job "
@@ -191,6 +222,11 @@ def markdown(r: dict) -> str:
             md.append(f"| plain PyTorch (run before the next row) | "
                       f"{' | '.join(per_k(ph.get(k, 0.0), p['measured_tokens']) for k in PHASES[:-1])} "
                       f"| — | — | {per_k(sum(ph.values()), p['measured_tokens'])} | {use(p)} |")
+        t = s.get("torchrun")
+        if t and t.get("measured_tokens"):
+            cells = " | ".join(per_k(t["phases_s"].get(k, 0.0), t["measured_tokens"]) for k in PHASES + ("comm",))
+            md.append(f"| torchrun + DeepSpeed, {s['workers']} process(es), ZeRO-{s['zero_stage']} | {cells} | "
+                      f"{per_k(t['measured_s'], t['measured_tokens'])} | {use(t)} |")
         if j.get("measured_tokens"):
             cells = " | ".join(per_k(j["phases_s"].get(k, 0.0), j["measured_tokens"]) for k in PHASES + ("comm",))
             md.append(f"| job, {s['workers']} worker(s), ZeRO-{s['zero_stage']} | {cells} | "

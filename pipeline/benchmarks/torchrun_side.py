@@ -1,0 +1,139 @@
+"""The training job's loop without Ray: the third side of the training benchmark.
+
+`torchrun` starts one process per worker (gloo on CPU, NCCL on GPUs, as the job); each builds the job's own
+DeepSpeed engine (`pipeline.train.loop.build_engine`), draws the job's task sequence (`TaskSampler` over the
+same mixture and seed) and runs the job's `train_step` and `Window` (and, with `train.profile`, its
+`Profiler`) on its 1/world share of the same cached rows, read with pyarrow instead of Ray Data and reshuffled
+every epoch with the job's seeds. No Ray Train, no Ray Data, no MLflow, no evaluation or checkpoints: the job's
+tokens/s over this side's is Ray's cost alone; this side over the plain single-process loop is DeepSpeed's and
+data parallelism's.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m pipeline.benchmarks.torchrun_side IN.pkl OUT.json
+
+`launch()` writes IN.pkl (the typed config, the prepared tasks' cache folders, the mixture) and runs that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+COLUMNS = ("input_ids", "token_type_ids", "label", "target_ids")
+
+
+class RowShard:
+    """One rank's rows of a task (every world-th row, as Ray Data's split hands out equal shares), with the
+    `iter_batches` that `batches_forever` calls: the whole shard reshuffled with the epoch's seed."""
+
+    def __init__(self, rows: list[dict], rank: int, world: int):
+        self.rows = rows[rank::world]
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy", local_shuffle_buffer_size: int = 0,
+                     local_shuffle_seed: int = 0, **_) -> Iterator[dict[str, np.ndarray]]:
+        order = np.random.default_rng(local_shuffle_seed).permutation(len(self.rows))
+        keys = [k for k in COLUMNS if self.rows and self.rows[0].get(k) is not None]
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            picked = [self.rows[i] for i in order[start:start + batch_size]]
+            yield {k: np.array([r[k] for r in picked], dtype=None if k == "label" else object) for k in keys}
+
+
+def launch(cfg, prepared: dict, mixture, weights: dict[str, float], *, timeout: float = 3600) -> dict[str, Any]:
+    """Run this side with cfg.train.num_workers processes; returns rank 0's measurements."""
+    import socket
+    with tempfile.TemporaryDirectory(prefix="bench-torchrun-") as tmp:
+        job = Path(tmp) / "in.pkl"
+        out = Path(tmp) / "out.json"
+        with open(job, "wb") as fh:
+            pickle.dump({"config": cfg, "prepared": prepared, "mixture": mixture, "weights": weights}, fh)
+        with socket.socket() as s:  # a free port for the rendezvous, on 127.0.0.1 only
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, int(cfg.train.cpus_per_worker))),
+               "DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu"}
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.train.num_workers}",
+               "--nnodes=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+               "-m", "pipeline.benchmarks.torchrun_side", str(job), str(out)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                              cwd=Path(__file__).resolve().parents[2])
+        if done.returncode != 0:
+            raise RuntimeError(f"torchrun side failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def main(job_path: str, out_path: str) -> None:
+    import time
+
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.model.multitask import Head
+    from pipeline.model.refs import load_tokenizer
+    from pipeline.model.summarize import summary_format
+    from pipeline.runtime import quiet_libraries
+    from pipeline.train.loop import (WorkerJob, batches_forever, build_engine, clear_stale_grads, lr_lambda, mean_over_ranks,
+                                     set_clip, train_step)
+    from pipeline.train.mixing import TaskSampler
+    from pipeline.train.window import Profiler, Window
+
+    with open(job_path, "rb") as fh:
+        given = pickle.load(fh)
+    cfg, prepared, train = given["config"], given["prepared"], given["config"].train
+    quiet_libraries()
+    deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(max(1, int(train.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    specs = cfg.task_specs()
+    job = WorkerJob(config=cfg, tasks=tuple(prepared), weights=given["weights"], mixture=given["mixture"],
+                    heads=tuple(Head(t, s.kind, s.num_labels) for t, s in specs.items()), run_id=None,
+                    tracking_uri="", run_dir="", dev={}, meta={})
+    tokenizer = load_tokenizer(cfg.model.name)
+    model, engine, optimizer, weighting, _ = build_engine(cfg, job, world)
+    prompts = {t: summary_format(model.kind, tokenizer, s.prompt) for t, s in specs.items() if s.kind == "summarization"}
+    shards = {t: RowShard(p.table("train", limit=cfg.tasks[t].max_rows.get("train"), shuffle_seed=cfg.seed,
+                                  columns=[c for c in COLUMNS if c in p.columns("train")]).to_pylist(), rank, world)
+              for t, p in prepared.items()}
+    iters = {t: batches_forever(shards[t], train.batch_size, tokenizer.pad_token_id, cfg.seed + rank, prompts.get(t))
+             for t in job.tasks}
+    profiler = Profiler(engine, iters) if train.profile else None
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    schedule = lr_lambda(train.schedule, train.warmup_steps, train.steps)
+    sampler = TaskSampler(job.mixture, cfg.seed)
+    engine.train()
+    start = time.perf_counter()
+    window, windows = Window(list(job.tasks), profiler), []
+    for step in range(1, train.steps + 1):  # the job's Worker.step, without its Ray-side bookkeeping
+        task = sampler.next()
+        for group, lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = lr * schedule(step - 1)
+        if train.clip_grad > 0:
+            set_clip(engine, optimizer, train.clip_grad * weighting.grad_scale(task))
+        losses, tokens, samples = train_step(engine, iters[task], task, weighting, train.grad_accum)
+        if train.zero_stage == 3:
+            clear_stale_grads(optimizer)
+        window.add(task, losses, tokens, samples)
+        if weighting.needs_losses or sampler.mixture.needs_losses:
+            loss = mean_over_ranks(losses, world)
+            weighting.observe_loss(task, loss, step)
+            sampler.mixture.observe(task, loss)
+        if step % train.log_every == 0 or step == train.steps:
+            windows.append(window.metrics(weighting, sampler, optimizer.param_groups[0]["lr"]))
+            window = Window(list(job.tasks), profiler)
+    if rank == 0:
+        Path(out_path).write_text(json.dumps({"windows": windows, "wall_s": time.perf_counter() - start,
+                                              "task_steps": dict(sampler.counts), "world": world}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
