@@ -278,6 +278,9 @@ class TrainConfig(Strict):
     """Train on GPUs (NCCL). On CPU the same code runs with gloo."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs Ray reserves per worker (fractions allowed)."""
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """Ray placement-group strategy of the workers: PACK fills a node before the next; SPREAD puts workers
+    on different nodes where it can (STRICT_SPREAD: must, one worker per node)."""
     steps: int = Field(300, ge=1)
     """Optimizer steps in total; each step trains one task's batch, drawn by the task sampler."""
     max_minutes: float | None = Field(None, gt=0)

@@ -3,6 +3,8 @@
     cluster/local/start.sh     # start both (idempotent: what is already up is left alone)
     cluster/local/status.sh    # what is running, where, and where its logs are
     cluster/local/stop.sh      # stop both: every process they started, nothing else
+    cluster/local/node.sh add  # one more Ray node on this machine (RAY_NODE_CPUS CPUs): a second "machine"
+    cluster/local/node.sh kill # SIGKILL the newest extra node and its workers: a machine lost mid-run
 
 Then, from the repository root:
 
@@ -20,6 +22,8 @@ Settings (environment variables, defaults in brackets):
     RAY_CLIENT_PORT     [10001]                     Ray client server
     RAY_NUM_CPUS / RAY_NUM_GPUS  [detected]         resources the head advertises
     RAY_START_ARGS      []                          extra `ray start` arguments (e.g. worker port ranges)
+    RAY_WORKER_NODES    [0]                         extra Ray nodes on this machine, started with the head
+    RAY_NODE_CPUS       [1]                         CPUs of each extra node
     MLFLOW_PORT         [5000]                      MLflow tracking server
     MTL_BIND_HOST       [127.0.0.1]                 address every server binds to
 
@@ -57,6 +61,8 @@ class Settings:
     num_cpus: str | None
     num_gpus: str | None
     extra_args: list[str]
+    worker_nodes: int = 0
+    node_cpus: str = "1"
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -66,7 +72,8 @@ class Settings:
         return cls(home, folder, int(env.get("RAY_PORT", 6379)), int(env.get("RAY_DASHBOARD_PORT", 8265)),
                    int(env.get("RAY_CLIENT_PORT", 10001)), int(env.get("MLFLOW_PORT", 5000)),
                    env.get("MTL_BIND_HOST", "127.0.0.1"), env.get("RAY_NUM_CPUS"), env.get("RAY_NUM_GPUS"),
-                   shlex.split(env.get("RAY_START_ARGS", "")))
+                   shlex.split(env.get("RAY_START_ARGS", "")), int(env.get("RAY_WORKER_NODES", 0)),
+                   env.get("RAY_NODE_CPUS", "1"))
 
     @property
     def ray_temp(self) -> Path:  # short: Ray's unix sockets live below it (path limit ~107 bytes)
@@ -208,6 +215,50 @@ def start_ray(s: Settings) -> None:
     say(f"ray:    up — dashboard and job server {s.dashboard_url}, GCS {s.host}:{s.ray_port}")
 
 
+def raylets(s: Settings) -> tuple[list, list]:
+    """(head raylet, worker-node raylets oldest first) of this cluster: each Ray node has one raylet."""
+    procs = [p for p in ray_processes(s) if _alive(p) and _name(p) == "raylet"]
+    head = [p for p in procs if "--head" in p.cmdline()]
+    return head, sorted((p for p in procs if p not in head), key=lambda p: p.create_time())
+
+
+def add_node(s: Settings) -> None:
+    """One more Ray node on this machine (`ray start --address`): its own raylet, object store and workers,
+    `RAY_NODE_CPUS` CPUs — what a second machine joining the cluster looks like to Ray."""
+    if not ray_up(s):
+        sys.exit(f"error: no cluster head is running on {s.host}:{s.ray_port} — fix: cluster/local/start.sh first")
+    before = len(raylets(s)[1])
+    cmd = [tool("ray"), "start", "--address", f"{s.host}:{s.ray_port}", "--node-ip-address", s.host,
+           "--temp-dir", str(s.ray_temp), "--num-cpus", s.node_cpus, "--disable-usage-stats", *s.extra_args]
+    log = s.logs / "ray-node.log"
+    with open(log, "a") as fh:
+        done = subprocess.run(cmd, env=ray_env(s), stdout=fh, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.exit(f"error: `ray start --address` failed (exit {done.returncode}); see {log}")
+    wait_for(lambda: len(raylets(s)[1]) > before, "the new node's raylet", 60, log)
+    say(f"node:   added ({s.node_cpus} CPU) — {before + 2} nodes in the cluster")
+
+
+def kill_node(s: Settings) -> None:
+    """SIGKILL the newest worker node's raylet and everything under it (its training workers included): a
+    machine lost mid-run, as Ray sees it. The head is never chosen."""
+    import psutil
+
+    nodes = raylets(s)[1]
+    if not nodes:
+        sys.exit("error: no worker node to kill — fix: start one with RAY_WORKER_NODES=1 or cluster/local/node.sh add")
+    raylet = nodes[-1]
+    node_id = next((a.split("=", 1)[1] for a in raylet.cmdline() if a.startswith("--node_id=")), "?")
+    victims = [raylet, *raylet.children(recursive=True)]
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=10)
+    say(f"node:   killed {node_id[:12]} ({len(victims)} processes) — {len(nodes)} nodes left in the cluster")
+
+
 def stop_ray(s: Settings, grace_s: float = 15.0) -> int:
     import psutil
 
@@ -319,6 +370,8 @@ def start(s: Settings) -> None:
     s.logs.mkdir(parents=True, exist_ok=True)
     mlflow_ready = start_mlflow(s)
     start_ray(s)
+    for _ in range(s.worker_nodes - len(raylets(s)[1])):  # extra nodes on this machine (RAY_WORKER_NODES)
+        add_node(s)
     mlflow_ready()  # before returning: jobs submitted as soon as this script ends can log
     (s.folder / "cluster.json").write_text(json.dumps(
         {"dashboard": s.dashboard_url, "gcs": f"{s.host}:{s.ray_port}", "mlflow": s.mlflow_url,
@@ -352,6 +405,11 @@ def status(s: Settings) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["node"] and argv[1:] in (["add"], ["kill"]):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        s = Settings.from_env()
+        (add_node if argv[1] == "add" else kill_node)(s)
+        return 0
     if len(argv) != 1 or argv[0] not in {"start", "stop", "status"}:
         print(__doc__)
         return 0 if argv and argv[0] in {"-h", "--help"} else 2

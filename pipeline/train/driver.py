@@ -172,7 +172,8 @@ def _trainer(cfg: Config, job, run_name: str, datasets: dict, callbacks: list | 
         train_loop_config={"job": job},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                                               placement_strategy=cfg.train.placement),
         run_config=ray.train.RunConfig(
             name=run_name, storage_path=storage.resolve(cfg.train.storage_path),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
