@@ -243,7 +243,26 @@ def build_engine(cfg: Config, job: WorkerJob, world: int):
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         config=deepspeed_config(train, world))
     skip_single_rank_allreduce(engine, world, train.zero_stage)
+    if frozen_base(engine):
+        exclude_every_frozen_name(engine)
     return model, engine, optimizer, weighting, shared
+
+
+def exclude_every_frozen_name(engine) -> None:
+    """DeepSpeed's `exclude_frozen_parameters` drops frozen weights by their `named_parameters()` names, which
+    list a tied weight once (an LM head sharing the embedding matrix): the tied name stayed in ZeRO 0-2
+    checkpoints with the whole frozen matrix. Every name of a frozen parameter is dropped here."""
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, exclude_frozen_parameters: bool = False, **kwargs):
+        state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters and state is not None:
+            for name, p in engine.module.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    state.pop(name, None)
+        return state
+
+    engine.module_state_dict = module_state_dict
 
 
 def frozen_base(engine) -> bool:
