@@ -186,13 +186,13 @@ def test_torchrun_side_runs_the_jobs_loop_without_ray(tmp_path, cache_dir):
     job's (the same TaskSampler), and every window is measured: tokens/s, phases, every sample of the 12 steps."""
     from pipeline.benchmarks.torchrun_side import launch
     from pipeline.data.preprocess import prepare_tasks
-    from pipeline.train.driver import mixture
+    from pipeline.train.driver import mixture, rows_used
     from pipeline.train.mixing import normalise_weights
 
     cfg = _cfg(tmp_path, cache_dir, "train.steps=12", "train.log_every=4", "train.warmup_steps=0", "train.profile=true")
     prepared = prepare_tasks(cfg, log=lambda _: None)
-    rows = {t: min(p.rows("train"), 512) for t, p in prepared.items()}
-    out = launch(cfg, prepared, mixture(cfg, rows), normalise_weights({t: 1.0 for t in rows}), timeout=600)
+    rows = rows_used(cfg, prepared)
+    out = launch(cfg, prepared, normalise_weights({t: 1.0 for t in rows}), timeout=600)
     sampler = TaskSampler(mixture(cfg, rows), cfg.seed)
     for _ in range(12):
         sampler.next()

@@ -8,7 +8,6 @@ tests/test_cluster_local.py (collected last, its own ports, temp dirs and MTL_HO
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 import uuid

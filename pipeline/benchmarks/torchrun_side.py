@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -45,14 +44,18 @@ class RowShard:
             yield {k: np.array([r[k] for r in picked], dtype=None if k == "label" else object) for k in keys}
 
 
-def launch(cfg, prepared: dict, mixture, weights: dict[str, float], *, timeout: float = 3600) -> dict[str, Any]:
-    """Run this side with cfg.train.num_workers processes; returns rank 0's measurements."""
+def launch(cfg, prepared: dict, weights: dict[str, float], *, timeout: float = 3600) -> dict[str, Any]:
+    """Run this side with cfg.train.num_workers processes; returns rank 0's measurements. The processes get
+    the config and the cached tasks as JSON (no pickles between processes) and rebuild the mixture."""
     import socket
+
+    from pipeline.config import config_to_dict
     with tempfile.TemporaryDirectory(prefix="bench-torchrun-") as tmp:
-        job = Path(tmp) / "in.pkl"
+        job = Path(tmp) / "in.json"
         out = Path(tmp) / "out.json"
-        with open(job, "wb") as fh:
-            pickle.dump({"config": cfg, "prepared": prepared, "mixture": mixture, "weights": weights}, fh)
+        job.write_text(json.dumps({
+            "config": config_to_dict(cfg), "weights": weights,
+            "tasks": {n: {"path": str(p.path), "manifest": p.manifest, "cache_hit": p.cache_hit} for n, p in prepared.items()}}))
         with socket.socket() as s:  # a free port for the rendezvous, on 127.0.0.1 only
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -84,16 +87,21 @@ def main(job_path: str, out_path: str) -> None:
     from pipeline.train.mixing import TaskSampler
     from pipeline.train.window import Profiler, Window
 
-    with open(job_path, "rb") as fh:
-        given = pickle.load(fh)
-    cfg, prepared, train = given["config"], given["prepared"], given["config"].train
+    from pipeline.config import Config
+    from pipeline.data.preprocess import PreparedTask
+    from pipeline.train.driver import mixture, rows_used
+
+    given = json.loads(Path(job_path).read_text())
+    cfg = Config.model_validate(given["config"])
+    train, specs = cfg.train, cfg.task_specs()
+    prepared = {n: PreparedTask(n, specs[n], Path(t["path"]), t["manifest"], t["cache_hit"]) for n, t in given["tasks"].items()}
     quiet_libraries()
     deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
-    specs = cfg.task_specs()
-    job = WorkerJob(config=cfg, tasks=tuple(prepared), weights=given["weights"], mixture=given["mixture"],
+    job = WorkerJob(config=cfg, tasks=tuple(prepared), weights=given["weights"],
+                    mixture=mixture(cfg, rows_used(cfg, prepared)),
                     heads=tuple(Head(t, s.kind, s.num_labels) for t, s in specs.items()), run_id=None,
                     tracking_uri="", run_dir="", dev={}, meta={})
     tokenizer = load_tokenizer(cfg.model.name)

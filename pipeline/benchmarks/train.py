@@ -91,10 +91,10 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict[str, Any]:
             "threads": threads, "global_batch": batch, "flops_per_token": flops_token, "mean_tokens_per_row": seq}
 
 
-def torchrun_side(cfg, prepared, mixture, weights) -> dict[str, Any]:
+def torchrun_side(cfg, prepared, weights) -> dict[str, Any]:
     """The job's loop launched by torchrun, without Ray (pipeline/benchmarks/torchrun_side.py)."""
     from pipeline.benchmarks.torchrun_side import launch
-    out = launch(cfg, prepared, mixture, weights)
+    out = launch(cfg, prepared, weights)
     windows = out["windows"][1:]  # the first window holds warm-up, as on the job side
     rates = [w["tokens_per_s"] for w in windows]
     phases = {p: sum(w.get(f"time/{p}", 0.0) for w in windows) for p in PHASES + ("comm",)}
@@ -140,12 +140,12 @@ def _mfu(flops_token: float, tokens_per_s: float, gpus: int) -> float | None:
 def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: float = 2.0) -> tuple[dict, str]:
     from pipeline.data.preprocess import prepare_tasks
     from pipeline.runtime import init_ray
-    from pipeline.train.driver import mixture
+    from pipeline.train.driver import rows_used
     from pipeline.train.mixing import normalise_weights, sampling_ratios
 
     init_ray()
     prepared = prepare_tasks(cfg, log=lambda _: None)
-    rows = {t: min(p.rows("train"), cfg.tasks[t].max_rows.get("train", p.rows("train"))) for t, p in prepared.items()}
+    rows = rows_used(cfg, prepared)
     ratios = sampling_ratios(cfg.sampling.strategy, rows, {t: cfg.tasks[t].ratio for t in rows}, cfg.sampling.temperature)
     weights = normalise_weights({t: cfg.tasks[t].weight for t in rows})
     global_batch = cfg.train.batch_size * cfg.train.num_workers
@@ -159,7 +159,7 @@ def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: f
             plain = plain_loop(per_worker, prepared, ratios, weights)
             c = per_worker.model_copy(update={"train": per_worker.train.model_copy(update={"zero_stage": stage})})
             print(f"torchrun + DeepSpeed: {n} process(es) × {total_cpus / n:g} CPU, ZeRO-{stage} ...", flush=True)
-            native = torchrun_side(c, prepared, mixture(c, rows), weights)
+            native = torchrun_side(c, prepared, weights)
             print(f"training job: {n} worker(s) × {total_cpus / n:g} CPU, ZeRO-{stage} ...", flush=True)
             job = job_side(c)
             print(f"  {job['tokens_per_s']:,.0f} tokens/s (torchrun {native['tokens_per_s']:,.0f}, "

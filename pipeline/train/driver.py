@@ -156,6 +156,11 @@ def _worker_job(cfg: Config, prepared: dict[str, PreparedTask], weights: dict[st
                      tracking_uri=uri, run_dir=run_dir, dev=dev, meta=model_metadata(cfg, run_name))
 
 
+def rows_used(cfg: Config, prepared: dict) -> dict[str, int]:
+    """Each task's train rows the run draws from (`max_rows.train` caps the cached split)."""
+    return {t: min(p.rows("train"), cfg.tasks[t].max_rows.get("train", p.rows("train"))) for t, p in prepared.items()}
+
+
 def mixture(cfg: Config, train_rows: dict[str, int]) -> Mixture:
     """The sampling ratios of every step, from `sampling` and the tasks' train rows (a fresh state)."""
     return Mixture.from_config(cfg.sampling, train_rows, {t: cfg.tasks[t].ratio for t in train_rows}, cfg.train.steps)
@@ -258,7 +263,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
                            time.monotonic() - start, uri, task_steps=done["task_steps"])
     prepared = prepare_tasks(cfg, log=log, bar=progress and sys.stderr.isatty())
 
-    train_rows = {t: min(p.rows("train"), cfg.tasks[t].max_rows.get("train", p.rows("train"))) for t, p in prepared.items()}
+    train_rows = rows_used(cfg, prepared)
     weights = normalise_weights({t: cfg.tasks[t].weight for t in prepared})
     ratios = mixture(cfg, train_rows).ratios(0)  # at the first step (annealed and online ratios move from there)
     log("tasks: " + ", ".join(f"{t} (rows {train_rows[t]:,}, weight {weights[t]:.3g}, ratio {ratios[t]:.3f})"
