@@ -444,18 +444,6 @@ class Config(Strict):
             raise _Problems(problems)
         return self
 
-    @model_validator(mode="after")
-    def _adapter_sharing(self) -> "Config":
-        adapter = self.model.adapter
-        if (adapter is not None and adapter.per_task and self.train.shared_params is None
-                and WEIGHTING_NEEDS_GRADS.get(self.train.weighting)):
-            raise _Problems([Problem(
-                "train.weighting", f"{self.train.weighting} compares the tasks' gradients on shared trainable "
-                "parameters, and per-task adapters on a frozen backbone share none",
-                "use model.adapter.per_task=false (the shared adapter is the shared group), a loss-based method "
-                "(static, uncertainty, dwa, famo), or name a shared group with train.shared_params")])
-        return self
-
     def registry(self) -> TaskRegistry:
         """The built-in tasks plus this config's user tasks."""
         registry = BUILTIN.copy()

@@ -146,14 +146,47 @@ def test_unknown_target_modules_name_the_models_own_layers():
     check_targets("tiny-bert", "all-linear")
 
 
-def test_per_task_adapters_refuse_gradient_weighting_at_load_time():
+def test_gradient_weighting_on_per_task_adapters_compares_the_heads_input():
+    """Per-task adapters share no trainable parameter, so gradcos compares the tasks' gradients with respect
+    to the heads' common input: the pooled features for a head, the hidden states entering the LM head for
+    summarization. Checked against torch.autograd.grad of the same loss; micro-batches add up."""
+    import torch.nn.functional as F
     base = ["name=x", "model.name=tiny-llama", "tasks={rotten_tomatoes: {}}", "model.adapter={r: 4}"]
-    with pytest.raises(PipelineError) as info:
-        load_config(None, [*base, "train.weighting=gradcos"])
-    assert str(info.value).startswith("train.weighting: gradcos compares the tasks' gradients")
-    assert load_config(None, [*base, "train.weighting=gradcos", "model.adapter.per_task=false"]).model.adapter.r == 4
+    assert load_config(None, [*base, "train.weighting=gradcos"]).model.adapter.per_task  # accepted at load time
     with pytest.raises(PipelineError, match=r"model\.adapter\.rank"):
         load_config(None, [*base, "model.adapter.rank=4"])
+
+    model = build_model("tiny-llama", HEADS, adapter=SPEC)
+    _nudge(model)
+    model.eval()  # no dropout: the two computations see the same function
+    model.watch_heads_input()
+    ids, mask = _batch()
+    labels = torch.tensor([0, 1, 1])
+    _, loss = model("cls", ids, mask, labels=labels)
+    loss.backward()
+    got, model.feature_grad = model.feature_grad, None
+    model._route("cls")
+    pooled = model.pooled(ids, mask)
+    want = torch.autograd.grad(F.cross_entropy(model.heads["cls"](pooled).float(), labels), pooled)[0].sum(0)
+    assert got.shape == (model.backbone.config.hidden_size,) and torch.allclose(got, want, atol=1e-6), (got, want)
+
+    targets = ids.clone()
+    targets[:, :3] = -100
+    for _ in range(2):  # two micro-batches of one step: their gradients add up
+        _, loss = model("xsum", ids, mask, labels=targets)
+        loss.backward()
+    got, model.feature_grad = model.feature_grad, None
+    model._route("xsum")
+    hidden = model.backbone.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = model.backbone.get_output_embeddings()(hidden).float()
+    lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1), ignore_index=-100)
+    want = 2 * torch.autograd.grad(lm_loss, hidden)[0].reshape(-1, hidden.size(-1)).sum(0)
+    assert torch.allclose(got, want, atol=1e-6), (got, want)
+    model.feature_grad = None  # (the reference's own pass through the LM head was watched too)
+    with torch.no_grad():  # evaluation keeps nothing
+        model("cls", ids, mask)
+        model("xsum", ids, mask, labels=targets)
+    assert model.feature_grad is None
 
 
 def test_weighting_registry_agrees_with_the_methods():

@@ -2,7 +2,7 @@
 regression and summarization all learn; only adapters and heads change (the final model's base digest is
 the reference's); checkpoints hold no frozen weight; a run resumes; the export bundle and a merged task
 reproduce the engine's dev predictions; the registered bundle is served over REST. ZeRO-3 (frozen base
-sharded) in the default tier; resuming (at ZeRO 3 and 0) and the REST check in the slow one."""
+sharded, gradcos weighting on the heads' input) in the default tier; resuming (at ZeRO 3 and 0) and the REST check in the slow one."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ TASKS = ("{rotten_tomatoes: {max_rows: {train: 256, validation: 32}}, stsb: {max
          "xsum: {max_rows: {train: 256, validation: 8}}}")
 
 
-def _cfg(tmp: Path, cache_dir: Path, glue_dir: Path, stage: int, steps: int):
+def _cfg(tmp: Path, cache_dir: Path, glue_dir: Path, stage: int, steps: int, weighting: str = "static"):
     return load_config(None, [
-        "name=lora", "model.name=tiny-llama", "model.max_target_length=12", f"tasks={TASKS}",
+        "name=lora", "model.name=tiny-llama", "model.max_target_length=12", f"tasks={TASKS}", f"train.weighting={weighting}",
         f"data.glue_dir={glue_dir}", "model.adapter={r: 8, alpha: 16, dropout: 0.0, per_task: true}",
         "train.num_workers=2", "train.cpus_per_worker=0.5", f"train.zero_stage={stage}", f"train.steps={steps}",
         "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=0", "train.log_every=4", "train.eval_every=40",
@@ -40,20 +40,22 @@ def _history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(cfg.tracking.uri).get_metric_history(run_id, key))
 
 
-# (ZeRO stage, resumed): the default tier trains ZeRO-3 (frozen base sharded) straight through; the slow tier
-# also stops it at step 20 and resumes it (frozen base rebuilt from its reference), at ZeRO 3 and 0.
-CASES = [pytest.param((3, False), id="zero3"), pytest.param((3, True), id="zero3-resumed", marks=pytest.mark.slow),
-         pytest.param((0, True), id="zero0-resumed", marks=pytest.mark.slow)]
+# (ZeRO stage, resumed, weighting): the default tier trains ZeRO-3 (frozen base sharded) straight through with
+# gradcos (per-task adapters share no parameter: it compares gradients on the heads' input); the slow tier
+# also stops runs at step 20 and resumes them (frozen base rebuilt from its reference), at ZeRO 3 and 0.
+CASES = [pytest.param((3, False, "gradcos"), id="zero3"),
+         pytest.param((3, True, "static"), id="zero3-resumed", marks=pytest.mark.slow),
+         pytest.param((0, True, "static"), id="zero0-resumed", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module", params=CASES)
 def lora_run(request, tmp_path_factory, cache_dir, glue_dir):
     """40 steps, straight or as 20 steps resumed to 40: (config, first result, final result, temp folder). A run
     evaluates and checkpoints at its last step, so the resumed case still has a step-20 checkpoint."""
-    stage, resumed = request.param
+    stage, resumed, weighting = request.param
     tmp = tmp_path_factory.mktemp(f"lora{stage}")
-    first = train_driver(_cfg(tmp, cache_dir, glue_dir, stage, 20), log=lambda _: None) if resumed else None
-    cfg = _cfg(tmp, cache_dir, glue_dir, stage, 40)
+    first = train_driver(_cfg(tmp, cache_dir, glue_dir, stage, 20, weighting), log=lambda _: None) if resumed else None
+    cfg = _cfg(tmp, cache_dir, glue_dir, stage, 40, weighting)
     return cfg, first, train_driver(cfg, resume=resumed, log=lambda _: None), tmp
 
 
@@ -70,6 +72,8 @@ def test_lora_trains_adapters_and_heads_only_and_exports(lora_run):
         losses = [v for _, v in _history(cfg, result.run_id, f"loss/{task}")]
         third = len(losses) // 3
         assert third and sum(losses[-third:]) / third < sum(losses[:third]) / third, (task, losses)
+        if cfg.train.weighting == "gradcos":  # weights moved by the cosines of the heads' input gradients
+            assert any(abs(v - 1.0) > 1e-3 for _, v in _history(cfg, result.run_id, f"weight/{task}")), task
 
     run = Path(result.run_dir)
     meta = json.loads((run / "final_model" / "mtl_model.json").read_text())

@@ -92,6 +92,8 @@ class MultiTaskModel(nn.Module):
         self.adapter: dict[str, Any] | None = None  # model.adapter as a dict, once adapters are attached
         self.adapter_names: list[str] = []
         self.base_name: str | None = None  # the model reference the frozen backbone comes from
+        self.feature_grad: torch.Tensor | None = None  # see watch_heads_input
+        self._watching = False
 
     def add_adapters(self, spec: dict[str, Any], base_name: str) -> None:
         """LoRA adapters on the backbone (pipeline/model/adapters.py), which is frozen from here on."""
@@ -104,6 +106,27 @@ class MultiTaskModel(nn.Module):
         if len(self.adapter_names) > 1:
             from pipeline.model.adapters import activate
             activate(self.backbone, task)
+
+    def watch_heads_input(self) -> None:
+        """For gradient-based loss weighting when no trainable parameter is shared (per-task adapters on a
+        frozen backbone): from now on every training forward adds the gradient of its loss with respect to
+        the heads' common input, summed over rows and positions, to `feature_grad` (hidden-size long). The
+        input is the pooled features for classification and regression heads, the hidden states entering
+        the LM head for a causal LM's (or encoder-decoder's) summarization, and the encoder states an
+        encoder's task decoder attends to. Whoever reads `feature_grad` resets it to None."""
+        self._watching = True
+        if self.kind != "encoder" and any(h.kind == "summarization" for h in self.head_specs.values()):
+            def before_lm_head(_module, args):
+                self._watch(args[0])  # returns nothing: the LM head's input is unchanged
+            self.backbone.get_output_embeddings().register_forward_pre_hook(before_lm_head)
+
+    def _watch(self, features: torch.Tensor) -> torch.Tensor:
+        if self._watching and features.requires_grad:
+            def keep(grad: torch.Tensor) -> None:
+                summed = grad.detach().float().reshape(-1, grad.size(-1)).sum(0)
+                self.feature_grad = summed if self.feature_grad is None else self.feature_grad + summed
+            features.register_hook(keep)
+        return features
 
     def enable_activation_checkpointing(self) -> None:
         """Recompute the backbone's (and task decoders') layer activations during backward instead of
@@ -130,7 +153,7 @@ class MultiTaskModel(nn.Module):
                 return self._decode(task, input_ids, attention_mask, labels)
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
             return out.logits, out.loss
-        logits = self.heads[task](self.pooled(input_ids, attention_mask, token_type_ids))
+        logits = self.heads[task](self._watch(self.pooled(input_ids, attention_mask, token_type_ids)))
         if self.head_specs[task].kind == "regression":
             logits = logits.squeeze(-1)
         loss = None
@@ -149,7 +172,7 @@ class MultiTaskModel(nn.Module):
 
     def _decode(self, task: str, input_ids, attention_mask, labels):
         """Encoder + task decoder; decoder inputs are the labels shifted right behind a start token."""
-        memory = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        memory = self._watch(self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
         pad = self.backbone.config.pad_token_id or 0
         targets = labels.masked_fill(labels == -100, pad)
         start = torch.full_like(targets[:, :1], self.decoder_start_token_id)
@@ -210,12 +233,15 @@ class MultiTaskModel(nn.Module):
     def shared_parameters(self, prefix: str | None = None) -> list[tuple[str, nn.Parameter]]:
         """The declared shared parameter group, as (name, parameter): every trainable parameter whose name
         starts with `prefix` (e.g. "backbone.encoder.layer.5."), by default the backbone's last block, or
-        with one shared adapter that adapter. Gradient-based loss weighting compares the tasks' gradients on it."""
+        with one shared adapter that adapter. Gradient-based loss weighting compares the tasks' gradients on it
+        (with per-task adapters, which share no parameter, it compares them on the heads' input instead:
+        watch_heads_input)."""
         if prefix is None and self.adapter_names:
             from pipeline.model.adapters import SHARED, is_adapter_parameter
             if self.adapter_names != [SHARED]:
                 raise ValueError("per-task adapters on a frozen backbone share no trainable parameter: "
-                                 "use one shared adapter (model.adapter.per_task=false) or name a shared group")
+                                 "compare gradients on the heads' input (watch_heads_input), use one shared "
+                                 "adapter (model.adapter.per_task=false) or name a shared group")
             return [(n, p) for n, p in self.named_parameters() if is_adapter_parameter(n)]
         prefix = prefix or self.last_block_prefix()
         named = [(n, p) for n, p in self.named_parameters() if n.startswith(prefix) and p.requires_grad]

@@ -171,6 +171,20 @@ def shared_gradient(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.cat(grads)
 
 
+def heads_input_gradient(model, world: int) -> torch.Tensor:
+    """The step's gradient with respect to the heads' common input (MultiTaskModel.watch_heads_input),
+    averaged over ranks like parameter gradients; resets it for the next step. Collective: every rank calls it."""
+    import torch.distributed as dist
+    grad = model.feature_grad
+    model.feature_grad = None
+    if grad is None:  # a rank whose rows gave no gradient (cannot happen with a loss on every row)
+        grad = torch.zeros(model.backbone.config.hidden_size)
+    if world > 1:
+        dist.all_reduce(grad)
+        grad /= world
+    return grad
+
+
 def evaluate(engine, model, dev: dict[str, dict[str, list]], batch_size: int, pad_id: int, rank: int,
              world: int, prompts: dict[str, PromptFormat | Seq2SeqFormat], max_new_tokens: dict[str, int], tokenizer=None,
              synced: bool = False) -> dict[str, tuple[list, list]]:
@@ -234,7 +248,12 @@ def build_engine(cfg: Config, job: WorkerJob, world: int):
     if train.activation_checkpointing:
         model.enable_activation_checkpointing()
     weighting = make_weighting(train.weighting, list(job.tasks), job.weights, train.weighting_options)
-    shared = [p for _, p in model.shared_parameters(train.shared_params)] if weighting.needs_grads else []
+    shared: list | None = []
+    if weighting.needs_grads and train.shared_params is None and len(model.adapter_names) > 1:
+        model.watch_heads_input()  # per-task adapters share no parameter: compare on the heads' input
+        shared = None
+    elif weighting.needs_grads:
+        shared = [p for _, p in model.shared_parameters(train.shared_params)]
     head_mult = {t: (cfg.tasks[t].head_lr_mult or train.head_lr_mult) for t in job.tasks}
     groups = model.param_groups(train.lr, train.weight_decay, head_mult)
     optimizer = None if train.offload_optimizer else torch.optim.AdamW(groups, lr=train.lr)
@@ -437,7 +456,8 @@ class Worker:
     def at_boundary(self, task: str) -> None:
         """After the step's last backward, while the reduced gradients exist."""
         if self.weighting.needs_grads:  # collective at ZeRO 1-3: every rank, same parameters, same order
-            self.weighting.observe_grad(task, shared_gradient(self.shared))
+            grad = heads_input_gradient(self.model, self.world) if self.shared is None else shared_gradient(self.shared)
+            self.weighting.observe_grad(task, grad)
         if not self.memory and self.state.step >= min(2, self.train.steps - 1):
             with self.window.pause():
                 self.memory.update({k: float(v) for k, v in model_state_bytes(self.model, self.optimizer).items()})
