@@ -35,6 +35,32 @@ class _Problems(ValueError):
         super().__init__("; ".join(map(str, problems)))
 
 
+def _zero_option_problems(stage: int, options: dict[str, Any]) -> list[Problem]:
+    """train.zero_options against DeepSpeed's ZeRO config schema (its field names and aliases, its types)."""
+    if not options:
+        return []
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    names = sorted({n for name, f in DeepSpeedZeroConfig.model_fields.items() for n in (name, f.alias) if n})
+    problems = []
+    for key in options:
+        if key in ("stage", "offload_optimizer"):
+            problems.append(Problem(f"train.zero_options.{key}", "is set by the project's own keys",
+                                    f"use train.{'zero_stage' if key == 'stage' else 'offload_optimizer'} instead"))
+        elif key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            problems.append(Problem(f"train.zero_options.{key}", "is not a key of DeepSpeed's zero_optimization",
+                                    f"{hint}see DeepSpeed's ZeRO configuration reference"))
+    if not problems:
+        try:
+            DeepSpeedZeroConfig(stage=stage, **options)
+        except ValidationError as err:
+            for e in err.errors():
+                problems.append(Problem(f"train.zero_options.{'.'.join(map(str, e['loc']))}", e["msg"],
+                                        "give a value of the type DeepSpeed documents for it"))
+    return problems
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True, use_attribute_docstrings=True)
 
@@ -311,6 +337,11 @@ class TrainConfig(Strict):
     """DeepSpeed ZeRO stage: 0 plain data parallel, 1 optimizer states, 2 + gradients, 3 + parameters sharded."""
     offload_optimizer: bool = False
     """Keep optimizer states in CPU memory (ZeRO >= 1); the optimizer becomes DeepSpeedCPUAdam."""
+    zero_options: dict[str, Any] = {}
+    """More keys of DeepSpeed's `zero_optimization` section, by DeepSpeed's names (e.g.
+    `stage3_param_persistence_threshold`, `stage3_prefetch_bucket_size`, `reduce_bucket_size`,
+    `overlap_comm`); checked against DeepSpeed's own schema at load time. The stage and optimizer offload
+    stay `zero_stage` and `offload_optimizer`."""
     activation_checkpointing: bool = False
     """Recompute each backbone layer's activations in backward instead of storing them: less memory, ~30% more compute."""
     profile: bool = False
@@ -356,6 +387,7 @@ class TrainConfig(Strict):
             problems.append(Problem("train.warmup_steps", f"{self.warmup_steps} warm-up steps of {self.steps} in total",
                                     "use fewer warm-up steps than train.steps"))
         problems += _weighting_problems(self.weighting, self.weighting_options)
+        problems += _zero_option_problems(self.zero_stage, self.zero_options)
         if problems:
             raise _Problems(problems)
         return self

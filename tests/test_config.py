@@ -83,6 +83,11 @@ def test_every_problem_is_reported_at_once_with_key_and_fix():
       "num_labels: 3, metrics: [rouge1]}"], "tasks.mine.define.metrics: 'rouge1' does not apply to classification"),
     (["tasks.mine.define={kind: summarization, format: xml, files: {train: a}, columns: {text: s, target: t}}"],
      "tasks.mine.define.format: Input should be"),
+    (["train.zero_options={stage3_param_persistance_threshold: 5}"],
+     "train.zero_options.stage3_param_persistance_threshold: is not a key of DeepSpeed's zero_optimization — did you "
+     "mean 'stage3_param_persistence_threshold'?"),
+    (["train.zero_options={stage: 2}"], "train.zero_options.stage: is set by the project's own keys — use train.zero_stage"),
+    (["train.zero_options={reduce_bucket_size: lots}"], "train.zero_options.reduce_bucket_size: Input should be a valid integer"),
 ])
 def test_impossible_values_fail_at_load(overrides, expected):
     lines = problems(overrides=["tasks={sst2: {}, mrpc: {}}", *overrides])
@@ -116,3 +121,11 @@ def test_config_round_trips_through_yaml():
     cfg = load_config(ROOT / "jobs/configs/glue.yaml")
     again = Config.model_validate(yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))))
     assert again == cfg
+
+
+def test_zero_options_reach_deepspeeds_zero_section():
+    from pipeline.train.loop import deepspeed_config
+    cfg = load_config(None, ["name=x", "tasks={sst2: {}}", "train.zero_stage=3",
+                             "train.zero_options={stage3_param_persistence_threshold: 1000000, overlap_comm: false}"])
+    zero = deepspeed_config(cfg.train, 2)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 1000000 and zero["overlap_comm"] is False

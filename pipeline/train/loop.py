@@ -140,6 +140,7 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if train.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    zero.update(train.zero_options)
     config = {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
