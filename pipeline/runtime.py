@@ -52,6 +52,13 @@ def quiet_libraries() -> None:
             handler.setLevel(logging.WARNING)
 
 
+def quiet_worker() -> None:
+    """Ray's `worker_process_setup_hook` for drivers that join a running cluster: before any task runs, Ray
+    Data's console goes to WARNING (pipeline/ray_data_logging.yaml, found next to this module on the
+    worker's own machine). Standard library only: every worker process of the job runs it."""
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(Path(__file__).with_name("ray_data_logging.yaml")))
+
+
 def init_ray(verbose: bool = False) -> None:
     """Join the cluster this job was submitted to (`ray job submit`, RAY_ADDRESS, `ray start`), or
     start a local one on this machine with its dashboard on 127.0.0.1. `verbose`: every library log line
@@ -66,7 +73,13 @@ def init_ray(verbose: bool = False) -> None:
     quiet_libraries()
     if ray.is_initialized():
         return
-    ray.init(logging_config=None if verbose else ray.LoggingConfig(log_level="WARNING"))
+    runtime_env = None
+    if os.environ.get("RAY_ADDRESS") and not submitted_job() and not verbose:
+        # A driver joining a running cluster directly (not `ray job submit`, whose runtime env does this):
+        # its workers get the same quiet console as those of a Ray started here.
+        runtime_env = {"worker_process_setup_hook": "pipeline.runtime.quiet_worker",
+                       "env_vars": {"PYTHONWARNINGS": QUIET_LOCAL_ENV["PYTHONWARNINGS"], "TOKENIZERS_PARALLELISM": "false"}}
+    ray.init(logging_config=None if verbose else ray.LoggingConfig(log_level="WARNING"), runtime_env=runtime_env)
     res = ray.cluster_resources()
     print(f"ray: connected to a cluster with {res.get('CPU', 0):g} CPUs and {res.get('GPU', 0):g} GPUs",
           file=sys.stderr, flush=True)

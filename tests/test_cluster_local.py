@@ -164,6 +164,25 @@ def test_jobs_submitted_to_the_local_cluster_track_into_the_mlflow_server(local_
     local_cluster["trained"] = {"run": run, "storage": storage, "experiment": experiment, "metrics": metrics}
 
 
+def test_a_driver_joining_the_cluster_directly_gets_quiet_workers(local_cluster):
+    """`RAY_ADDRESS=... python jobs/...` (no `ray job submit`): the job's workers set Ray Data's console to
+    WARNING before any task runs (worker_process_setup_hook), as the workers of a Ray the jobs start do."""
+    env = {**local_cluster["env"], "RAY_ADDRESS": f"127.0.0.1:{local_cluster['ports']['RAY_PORT']}"}
+    probe = ("import json, logging, os, ray\n"
+             "from pipeline.runtime import init_ray\n"
+             "init_ray()\n"
+             "@ray.remote\n"
+             "def worker():\n"
+             "    import ray.data\n"
+             "    return os.environ.get('RAY_DATA_LOGGING_CONFIG'), [h.level for h in logging.getLogger('ray.data').handlers]\n"
+             "print(json.dumps(ray.get(worker.remote())))\n")
+    done = _run([sys.executable, "-c", probe], env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    path, levels = json.loads(done.stdout.strip().splitlines()[-1])
+    assert path == str(ROOT / "pipeline" / "ray_data_logging.yaml")
+    assert 30 in levels  # the console handler at WARNING (the file handler keeps every level)
+
+
 @pytest.mark.slow  # default tier: the evaluate job in process, on a run by name in a storage URI (tests/test_evaluate.py)
 def test_evaluate_job_submitted_to_the_cluster_scores_the_run_by_name(local_cluster):
     """A second job on the same cluster: evaluate the train job's run by name from the storage URI, recorded in

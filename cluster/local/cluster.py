@@ -167,6 +167,7 @@ def ray_env(s: Settings) -> dict[str, str]:
         "MTL_HOME": str(s.home),
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": env.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300"),
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one machine: no node is preempted (its actor logs an error line)
     })
     return env
 
