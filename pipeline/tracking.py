@@ -192,6 +192,15 @@ class TrainingRun:
             client.log_artifact(run_id, config_path, "config")
         client.log_text(run_id, json.dumps(redact(config_to_dict(cfg)), indent=2), "config/resolved_config.json")
 
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """The driver's own measurements (start-up and end times); never fails the run."""
+        if self.client is not None and metrics:
+            import time
+
+            from mlflow.entities import Metric
+            now = int(time.time() * 1000)
+            _quietly(self.client.log_batch, self.run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()])
+
     def finish(self, run_dir: str, log) -> None:
         """Metrics a worker could not deliver, the final model, FINISHED. The training result is safe in
         `run_dir` whatever happens here: if the server is away, say what did not reach it and how to send it."""

@@ -291,6 +291,8 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
         from pipeline.train.progress import ProgressView
         view = ProgressView(cfg.train.steps, bar=sys.stderr.isatty())
         job = dataclasses.replace(job, progress=view.queue)
+    driver_s = time.monotonic() - start
+    job = dataclasses.replace(job, fit_started=time.time())
     trainer = _trainer(cfg, job, run_name, datasets, callbacks)
     try:
         result = _fit(trainer, cfg, mlrun, run_dir, run_name, resume_command(config_path, run_name, overrides))
@@ -298,6 +300,11 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
         if view is not None:
             view.close()
     steps, best, dev_metrics, task_steps = _reported(result.metrics or {})
+    reported_at = (result.metrics or {}).get("time/reported_at")
+    # the fixed costs around the steps: the driver's own set-up (cache check, MLflow run, data), and from the
+    # last step's checkpoint to the worker group's end (final model, shutdown); the workers log startup/*
+    mlrun.log_metrics({"startup/driver_s": driver_s,
+                       **({"end/after_last_checkpoint_s": time.time() - reported_at} if reported_at else {})}, steps)
     record = RunDir(run_dir).read_record()
     record["result"] = {"steps": steps, "best_score": best, "dev_metrics": dev_metrics, "task_steps": task_steps}
     RunDir(run_dir).write_record(record)

@@ -225,6 +225,7 @@ class WorkerJob:
     dev: dict[str, Any]  # task -> object ref of its dev rows (every rank evaluates a share)
     meta: dict[str, Any]  # what every model folder records (pipeline.train.driver.model_metadata)
     progress: Any = None  # the driver's progress queue (pipeline/train/progress.py); None: rank 0 prints
+    fit_started: float = 0.0  # wall clock when the driver started the worker group (start-up timings)
 
 
 @dataclass
@@ -391,7 +392,8 @@ def save_checkpoint(engine, state: TrainState, sampler: TaskSampler, weighting, 
     write_manifest(folder, rank)  # last: what this rank wrote, checked before any resume loads it
     written = [None] * world  # the checkpoint's size over all ranks (with adapters: no frozen base in it)
     dist.all_gather_object(written, sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()))
-    report = {"step": state.step, "best_score": state.best_score, **{f"steps/{t}": c for t, c in sampler.counts.items()},
+    report = {"step": state.step, "best_score": state.best_score, "time/reported_at": time.time(),
+              **{f"steps/{t}": c for t, c in sampler.counts.items()},
               **{f"weight/{t}": w for t, w in weighting.weights().items()},  # Tune's TensorBoard files show them too
               **{f"ratio/{t}": r for t, r in sampler.ratios().items()},
               **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
@@ -410,6 +412,7 @@ class Worker:
 
     def __init__(self, job: WorkerJob):
         import ray.train
+        began = time.time()
         self.job, self.cfg, self.train = job, job.config, job.config.train
         train = self.train
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if train.use_gpu else "cpu")  # no detection warning per worker
@@ -417,12 +420,16 @@ class Worker:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.manual_seed(self.cfg.seed)
+        stamps = [began]
         self.tokenizer = load_tokenizer(self.cfg.model.name)
+        stamps.append(time.time())
         self.model, self.engine, self.optimizer, self.weighting, self.shared = build_engine(self.cfg, job, self.world)
+        stamps.append(time.time())
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]  # per group: head multipliers stay applied
         self.schedule = lr_lambda(train.schedule, train.warmup_steps, train.steps)
         self.sampler = TaskSampler(job.mixture, self.cfg.seed)
         self.state = restore(self.engine, self.sampler, self.weighting, self.rank, job.run_id, job.progress)
+        stamps.append(time.time())
         self.tracker = RunLogger(job.tracking_uri, self.state.run_id, job.run_dir) if self.rank == 0 else None
         if self.tracker is not None and self.state.warnings:  # a checkpoint fallback stays visible on the run
             self.tracker.set_tag("mtl.resume_warning", " | ".join(self.state.warnings)[:5000])
@@ -434,6 +441,9 @@ class Worker:
         self.deadline = time.monotonic() + 60 * train.max_minutes if train.max_minutes else None
         self.memory: dict[str, float] = {}  # what this rank holds (params, grads, optimizer), counted once
         self.window = Window(list(job.tasks), self.profiler)  # the log interval's losses and timings
+        stamps.append(time.time())
+        if self.tracker is not None:  # where a run's fixed start-up cost goes (rank 0's clock)
+            self.tracker.log_metrics(startup_times(job.fit_started, stamps), self.state.step)
 
     def step(self, task: str) -> bool:
         """One optimizer step of `task` at the scheduled lr; True when it was the last one."""
@@ -502,6 +512,20 @@ class Worker:
                                                       for t, (p, r) in self.evaluation.last.items()}})
         if self.tracker is not None:
             self.tracker.flush_or_spool()
+
+
+STARTUP_PHASES = ("tokenizer", "engine", "restore", "data_and_eval")
+
+
+def startup_times(fit_started: float, stamps: list[float]) -> dict[str, float]:
+    """`startup/*` seconds: `worker_group` from the driver starting the worker group to this worker's set-up
+    (placement group, actor processes and their imports, process group), then each set-up phase: tokenizer,
+    DeepSpeed engine (model built, optimizer, ZeRO partitioning), restore (checkpoint or fresh state),
+    data_and_eval (dataset shards, dev evaluation set-up, MLflow logger)."""
+    times = {f"startup/{p}_s": b - a for p, a, b in zip(STARTUP_PHASES, stamps, stamps[1:])}
+    if fit_started:
+        times["startup/worker_group_s"] = stamps[0] - fit_started
+    return times
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
