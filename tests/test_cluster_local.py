@@ -72,7 +72,7 @@ def local_cluster(tmp_path_factory):
     env.update({"MTL_HOME": str(tmp / "home"), "MTL_CLUSTER_DIR": str(tmp / "cluster"), "RAY_NUM_CPUS": "2",
                 "MTL_PYTHON": sys.executable, "RAY_AUTH_MODE": "token",
                 "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
-    started = _run(["bash", "cluster/local/start.sh"], env, timeout=300)
+    started = _run(["bash", "cluster/local/start.sh"], env, timeout=900)
     info = {"env": env, "tmp": tmp, "ports": ports, "start": started, "before": before,
             "dashboard": f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}",
             "mlflow": f"http://127.0.0.1:{ports['MLFLOW_PORT']}", "ray_temp": f"/tmp/mtl-ray-{ports['RAY_PORT']}"}

@@ -137,7 +137,8 @@ def test_worker_killed_mid_run_restarts_from_the_checkpoint(tmp_path, cache_dir,
     thread.start()
     run_id = _run_id(tmp_path / "runs")
     registered = _wait_for_checkpoint(tmp_path / "runs", CHECKPOINT_EVERY)
-    workers = ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    workers = ray.util.state.list_actors(address=ray.get_runtime_context().gcs_address,  # this session's Ray, not another on the machine
+                                            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert len(workers) == 2, workers
     os.kill(workers[0]["pid"], signal.SIGKILL)
     time.sleep(1)  # the surviving rank cannot get past the next collective; the restart takes longer than this
@@ -224,7 +225,8 @@ def test_worker_killed_past_max_failures_says_what_died_and_how_to_resume(tmp_pa
     thread.start()
     run_id = _run_id(tmp_path / "runs")
     registered = _wait_for_checkpoint(tmp_path / "runs", CHECKPOINT_EVERY)
-    workers = ray.util.state.list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    workers = ray.util.state.list_actors(address=ray.get_runtime_context().gcs_address,  # this session's Ray, not another on the machine
+                                            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     os.kill(workers[0]["pid"], signal.SIGKILL)
     thread.join(timeout=300)
     err = outcome["error"]

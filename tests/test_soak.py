@@ -50,7 +50,7 @@ def _sample(stop: threading.Event, samples: list, every_s: float, start: float) 
     while not stop.is_set():
         procs = {f"driver#{os.getpid()}": os.getpid()}
         try:
-            for actor in ray.util.state.list_actors(filters=[("state", "=", "ALIVE")]):
+            for actor in ray.util.state.list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")]):
                 if actor.get("pid"):
                     procs[f"{actor['class_name']}#{actor['pid']}"] = actor["pid"]
         except Exception:  # the state API can be briefly busy; the next sample covers it

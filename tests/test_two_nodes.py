@@ -40,7 +40,7 @@ def two_nodes(tmp_path_factory):
     env.update({"MTL_HOME": str(tmp / "home"), "MTL_CLUSTER_DIR": str(tmp / "cluster"), "RAY_NUM_CPUS": "1",
                 "RAY_WORKER_NODES": "1", "RAY_NODE_CPUS": "1", "MTL_PYTHON": sys.executable, "RAY_AUTH_MODE": "token",
                 "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
-    started = _run(["bash", "cluster/local/start.sh"], env, timeout=300)
+    started = _run(["bash", "cluster/local/start.sh"], env, timeout=900)
     try:
         yield {"env": env, "tmp": tmp, "start": started, "dashboard": f"http://127.0.0.1:{ports['RAY_DASHBOARD_PORT']}",
                "mlflow": f"http://127.0.0.1:{ports['MLFLOW_PORT']}"}

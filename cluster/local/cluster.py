@@ -26,6 +26,7 @@ Settings (environment variables, defaults in brackets):
     RAY_NODE_CPUS       [1]                         CPUs of each extra node
     MLFLOW_PORT         [5000]                      MLflow tracking server
     MTL_BIND_HOST       [127.0.0.1]                 address every server binds to
+    MTL_START_TIMEOUT_S [300]                       how long each server may take to answer (a busy machine is slow)
 
 Ray's token authentication is on (RAY_AUTH_MODE=token; token in ~/.ray/auth_token, created if missing):
 clients such as `ray job submit` need RAY_AUTH_MODE=token in their environment.
@@ -63,6 +64,7 @@ class Settings:
     extra_args: list[str]
     worker_nodes: int = 0
     node_cpus: str = "1"
+    start_timeout_s: float = 300.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -73,7 +75,7 @@ class Settings:
                    int(env.get("RAY_CLIENT_PORT", 10001)), int(env.get("MLFLOW_PORT", 5000)),
                    env.get("MTL_BIND_HOST", "127.0.0.1"), env.get("RAY_NUM_CPUS"), env.get("RAY_NUM_GPUS"),
                    shlex.split(env.get("RAY_START_ARGS", "")), int(env.get("RAY_WORKER_NODES", 0)),
-                   env.get("RAY_NODE_CPUS", "1"))
+                   env.get("RAY_NODE_CPUS", "1"), float(env.get("MTL_START_TIMEOUT_S", 300)))
 
     @property
     def ray_temp(self) -> Path:  # short: Ray's unix sockets live below it (path limit ~107 bytes)
@@ -172,6 +174,21 @@ def ray_env(s: Settings) -> dict[str, str]:
     return env
 
 
+def agent_port() -> int:
+    """The node's dashboard agent port (it runs submitted jobs): Ray's fixed default 52365 when free, else a
+    free one — every Ray node on one machine (a second cluster, extra nodes) needs its own, and a node whose
+    agent cannot bind refuses jobs ("No available agent to submit job")."""
+    import socket
+    for port in (52365, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port for the dashboard agent")
+
+
 def ray_up(s: Settings) -> bool:
     return any("gcs_server" in " ".join(p.cmdline()) for p in ray_processes(s) if _alive(p))
 
@@ -196,6 +213,8 @@ def start_ray(s: Settings) -> None:
     cmd = [tool("ray"), "start", "--head", "--node-ip-address", s.host, "--port", str(s.ray_port),
            "--dashboard-host", s.host, "--dashboard-port", str(s.dashboard_port),
            "--ray-client-server-port", str(s.client_port), "--temp-dir", str(s.ray_temp), "--disable-usage-stats"]
+    agent = agent_port()
+    cmd += ["--dashboard-agent-listen-port", str(agent)]
     if s.num_cpus:
         cmd += ["--num-cpus", s.num_cpus]
     if s.num_gpus:
@@ -208,7 +227,9 @@ def start_ray(s: Settings) -> None:
     if done.returncode != 0:
         sys.exit(f"error: `ray start` failed (exit {done.returncode}); see {log}:\n"
                  + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
-    wait_for(lambda: http_ok(f"{s.dashboard_url}/api/version"), "the Ray dashboard", 60, log)
+    wait_for(lambda: http_ok(f"{s.dashboard_url}/api/version"), "the Ray dashboard", s.start_timeout_s, log)
+    # jobs run through the head's dashboard agent: up before this script says so (the job server waits only 10 s)
+    wait_for(lambda: http_ok(f"http://{s.host}:{agent}/api/healthz"), "the Ray dashboard agent", s.start_timeout_s, log)
     link = s.logs / "ray"
     if link.is_symlink() or link.exists():
         link.unlink()
@@ -230,13 +251,14 @@ def add_node(s: Settings) -> None:
         sys.exit(f"error: no cluster head is running on {s.host}:{s.ray_port} — fix: cluster/local/start.sh first")
     before = len(raylets(s)[1])
     cmd = [tool("ray"), "start", "--address", f"{s.host}:{s.ray_port}", "--node-ip-address", s.host,
-           "--temp-dir", str(s.ray_temp), "--num-cpus", s.node_cpus, "--disable-usage-stats", *s.extra_args]
+           "--temp-dir", str(s.ray_temp), "--num-cpus", s.node_cpus, "--disable-usage-stats",
+           "--dashboard-agent-listen-port", str(agent_port()), *s.extra_args]
     log = s.logs / "ray-node.log"
     with open(log, "a") as fh:
         done = subprocess.run(cmd, env=ray_env(s), stdout=fh, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         sys.exit(f"error: `ray start --address` failed (exit {done.returncode}); see {log}")
-    wait_for(lambda: len(raylets(s)[1]) > before, "the new node's raylet", 60, log)
+    wait_for(lambda: len(raylets(s)[1]) > before, "the new node's raylet", s.start_timeout_s, log)
     say(f"node:   added ({s.node_cpus} CPU) — {before + 2} nodes in the cluster")
 
 
@@ -327,7 +349,7 @@ def start_mlflow(s: Settings):
     s.mlflow_pid_file.write_text(str(proc.pid))
 
     def wait() -> None:
-        wait_for(lambda: mlflow_up(s) or proc.poll() is not None, "the MLflow server", 120, log)
+        wait_for(lambda: mlflow_up(s) or proc.poll() is not None, "the MLflow server", s.start_timeout_s, log)
         if proc.poll() is not None:
             sys.exit(f"error: the MLflow server exited ({proc.returncode}); see {log}:\n"
                      + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
