@@ -40,3 +40,30 @@ def test_markdown_reports_both_sides_the_ratios_and_the_rung_scores():
     assert "step 5: 1.00, step 20: 1.00" in md
     assert "| 00002 | 1.00 / 1.00 | 12.00, 22.00, 40, 62.00 | stopped (ASHA), 5, 12.00 |" in md
     assert not math.isnan(r["score_ratio"])
+
+
+def test_replay_asha_stops_what_ray_tunes_asha_stops():
+    # grace 5, reduction 2, max_t 41: rungs at 5, 10, 20 and 40. Trials arrive one at a time; at a rung
+    # a trial continues when its score is at least the median of the scores recorded there before it.
+    curve = lambda a, b, c, d: {5: a, 10: b, 20: c, 40: d}  # noqa: E731
+    trials = [_trial(0, curve(30, 40, 50, 60), 60), _trial(1, curve(20, 45, 55, 70), 70),
+              _trial(2, curve(35, 30, 60, 65), 65), _trial(3, curve(10, 50, 50, 50), 50)]
+    r = tune.replay_asha(trials, steps=40, grace=5, reduction=2)
+    # t0 first at every rung: runs out. t1 at 5: 20 < 30: stopped.
+    # t2 at 5: 35 >= median(30, 20) = 25; at 10: 30 < 40: stopped. t3 at 5: 10 < median(30, 20, 35) = 30: stopped.
+    assert r["ran"] == {"t_00000": 40, "t_00001": 5, "t_00002": 10, "t_00003": 5}
+    assert r["steps"] == 60 and r["best_score"] == 60  # t2 stopped at 10 never saw its 65
+    grid = tune.what_if(trials, steps=40, graces=(5, 40), reductions=(2,), orders=50)
+    assert [(w["grace_period"], w["steps_ratio"]) for w in grid] == [(5, 60 / 160)]  # grace 40 is the whole budget
+    assert grid[0]["score_ratio"] == 60 / 70
+    # over random orders: t1 (the best, 70) survives whenever it runs first, and then finds 100%
+    w = grid[0]
+    assert 60 / 70 < w["orders_score_ratio"] < 1 and 0 < w["orders_at_98"] < 1
+    first = tune.replay_asha([trials[1], trials[0], trials[2], trials[3]], steps=40, grace=5, reduction=2)
+    assert first["ran"]["t_00001"] == 40 and first["best_score"] == 70
+
+
+def test_score_correlation_at_every_report():
+    trials = [_trial(i, {5: 10.0 - i, 10: 20.0 + i}, 60.0 + i) for i in range(4)]
+    got = tune.score_correlation(trials)
+    assert got[5] == pytest.approx(-1.0) and got[10] == pytest.approx(1.0)
