@@ -203,3 +203,22 @@ def test_seeds_figure_shows_every_seed_and_the_interval():
     (points,) = ax.collections[:1]
     assert sorted(points.get_offsets()[:, 1].tolist()) == pytest.approx([70.0, 75.0, 80.0])
     assert ax.get_title() == "rotten_tomatoes accuracy"
+
+
+def test_published_table_checks_the_paper_budget_targets(tmp_path):
+    from pipeline.compare import published_markdown
+    specs = load_config("jobs/configs/compare_paper.yaml", [f"data.glue_dir={tmp_path}"]).task_specs()
+    single = Row("single-task (minilm-l6, one model per task)",
+                 {"sst2": {"accuracy": 0.88}, "mrpc": {"accuracy": 0.80, "f1": 0.86}, "cola": {"matthews": 0.41},
+                  "xsum": {"rouge1": 0.2}}, 100, 1.0)
+    mtl = Row("multi-task (equal weights)", {"sst2": {"accuracy": 0.85}, "rte": {"accuracy": 0.66}}, 100, 1.0)
+    md = published_markdown("minilm-l6", [single, mtl], specs, {single.model: "single", mtl.model: "multi", "absent": "x"})
+    lines = md.splitlines()
+    assert lines[2] == "| task | metric | published | target | single | multi |"
+    row = {line.split(" | ")[0].strip("| "): line for line in lines[4:]}
+    # SST-2: 95% of 91.5 = 86.9; 88.0 reaches it, 85.0 misses by 1.9
+    assert row["sst2"] == "| sst2 | accuracy | 91.5 | ≥ 86.9 | 88.0 = 96% of published (reached) | 85.0 = 93% of published (missed by 1.9) |"
+    assert "| cola | matthews | 47.5 | ≥ 40.0 | 41.0 = 86% of published (reached) | n/a |" == row["cola"]
+    assert "missed by 4.5" in row["mrpc"]  # 84.5 target, 80.0 reached
+    assert row["xsum"].startswith("| xsum | rouge1 | 38.8 | — | 20.0 = 52% of published |")  # no target: no verdict
+    assert published_markdown("smollm2-135m", [single], specs, {single.model: "single"}) == ""
