@@ -174,13 +174,18 @@ def test_a_driver_joining_the_cluster_directly_gets_quiet_workers(local_cluster)
              "@ray.remote\n"
              "def worker():\n"
              "    import ray.data\n"
-             "    return os.environ.get('RAY_DATA_LOGGING_CONFIG'), [h.level for h in logging.getLogger('ray.data').handlers]\n"
+             "    from ray.util.state import list_actors\n"
+             "    return (os.environ.get('RAY_DATA_LOGGING_CONFIG'), [h.level for h in logging.getLogger('ray.data').handlers],\n"
+             "            os.environ.get('RAY_ADDRESS'), len(list_actors(limit=10)))\n"
              "print(json.dumps(ray.get(worker.remote())))\n")
     done = _run([sys.executable, "-c", probe], env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    path, levels = json.loads(done.stdout.strip().splitlines()[-1])
+    path, levels, address, _ = json.loads(done.stdout.strip().splitlines()[-1])
     assert path == str(ROOT / "pipeline" / "ray_data_logging.yaml")
     assert 30 in levels  # the console handler at WARNING (the file handler keeps every level)
+    # every process of the cluster knows its cluster (from its raylet): Ray's state API inside a worker (as Ray
+    # Train's placement-group cleaner uses it) works even with the test session's own Ray on the machine
+    assert address == env["RAY_ADDRESS"]
 
 
 @pytest.mark.slow  # default tier: the evaluate job in process, on a run by name in a storage URI (tests/test_evaluate.py)

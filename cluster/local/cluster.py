@@ -170,6 +170,10 @@ def ray_env(s: Settings) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": env.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300"),
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one machine: no node is preempted (its actor logs an error line)
+        # Every process of the cluster inherits this from its raylet: Ray's own state-API clients inside workers
+        # (Ray Train's placement-group cleaner, for one) then find this cluster even when another Ray instance
+        # runs on the machine, instead of failing with "Found multiple active Ray instances".
+        "RAY_ADDRESS": f"{s.host}:{s.ray_port}",
     })
     return env
 
