@@ -230,6 +230,60 @@ def published_markdown(model: str, rows: list[Row], specs: dict[str, TaskSpec], 
     return "\n".join(lines) + "\n"
 
 
+def learning_curves(tracking, units: "Units", seed: int, specs: dict[str, TaskSpec]) -> dict[str, dict[str, dict]]:
+    """Per task, from one seed's MLflow runs: the multi-task model's and the single-task model's training loss
+    and primary dev metric against the share of their run's steps (at the same share both have seen about as
+    many of the task's rows: the sampler's ratios are fixed). task -> row -> {"loss": [(x, v)], "dev": [(x, v)]}."""
+    def share(run: dict, key: str, scale: float = 1.0) -> list[tuple[float, float]]:
+        return [(s / run["steps"], scale * v) for s, v in tracking.history(run["run_ids"][0], key)] if run else []
+    out = {}
+    mtl = units.get(MTL, seed)
+    for task, spec in specs.items():
+        single = units.get(SINGLE, seed, task)
+        dev = f"dev/{task}/{spec.primary_metric}"
+        out[task] = {row: {"loss": share(run, f"loss/{task}"), "dev": share(run, dev, 100.0)}
+                     for row, run in ((MTL, mtl), (SINGLE, single)) if run and run["run_ids"]}
+    return out
+
+
+def curves_markdown(curves: dict[str, dict[str, dict]], specs: dict[str, TaskSpec], seed: int) -> str:
+    """The learning curves as text: each evaluation's dev score, and the training loss in the first and last
+    tenth of the run (still falling at the end = more steps would help)."""
+    lines = [f"## Learning curves (seed {seed})", "",
+             "Dev score (×100) at each evaluation, at its share of the run's steps; training loss averaged over the "
+             "first and the last tenth of the run. Plot: learning_curves.png.", "",
+             "| task | model | dev score by share of steps | loss, first tenth | loss, last tenth |", "|---|---|---|---:|---:|"]
+    def mean(points):  # noqa: E306
+        return f"{sum(v for _, v in points) / len(points):.3f}" if points else "n/a"
+    for task, rows in curves.items():
+        for row, c in rows.items():
+            dev = ", ".join(f"{x:.0%}: {v:.1f}" for x, v in c["dev"]) or "n/a"
+            lines.append(f"| {task} {specs[task].primary_metric} | {row} | {dev} | "
+                         f"{mean([p for p in c['loss'] if p[0] <= 0.1])} | {mean([p for p in c['loss'] if p[0] > 0.9])} |")
+    return "\n".join(lines) + "\n"
+
+
+def curves_figure(curves: dict[str, dict[str, dict]], specs: dict[str, TaskSpec]):
+    """One panel per task: training loss (solid) and dev score (dots, right axis) against the share of steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, max(1, len(curves)), figsize=(3.2 * max(1, len(curves)), 3.2), squeeze=False)
+    for ax, (task, rows) in zip(axes[0], curves.items()):
+        right = ax.twinx()
+        for i, (row, c) in enumerate(rows.items()):
+            color = f"C{i}"
+            ax.plot([x for x, _ in c["loss"]], [v for _, v in c["loss"]], color=color, lw=1, label=row.split(" (")[0])
+            right.plot([x for x, _ in c["dev"]], [v for _, v in c["dev"]], "o--", color=color, ms=4)
+        ax.set_title(task)
+        ax.set_xlabel("share of the run's steps")
+        ax.set_ylabel("training loss")
+        right.set_ylabel(f"dev {specs[task].primary_metric} ×100")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def loss_figure(curves: dict[str, list[tuple[int, float]]], title: str):
     """Training-loss curves, one per task: (step, value) pairs by task."""
     import matplotlib
@@ -394,6 +448,14 @@ def run_comparison(cfg: Config, config_path: str, out: Path, command: str, *, se
         base.get(MTL, MTL): f"{base.get(MTL, MTL)} here"})
     if published:
         report += "\n## Against published numbers\n\n" + published
+    files = [out / "comparison.md", out / "comparison.json", out / "comparison.png"]
+    if tracking is not None and not skip_single_task:
+        curves = learning_curves(tracking, units, seed_list[0], specs)
+        report += "\n" + curves_markdown(curves, specs, seed_list[0])
+        figure = curves_figure(curves, specs)
+        figure.savefig(out / "learning_curves.png", dpi=120)
+        _close(figure)
+        files.append(out / "learning_curves.png")
     (out / "comparison.md").write_text(report)
     (out / "comparison.json").write_text(json.dumps(
         {"command": command, "config": config_path, "seeds": seed_list, "rows": [r.__dict__ for r in rows],
@@ -404,8 +466,7 @@ def run_comparison(cfg: Config, config_path: str, out: Path, command: str, *, se
     _close(figure)
     say("\n" + report)
     if tracking is not None:
-        run_id = tracking.comparison(cfg.name, [out / "comparison.md", out / "comparison.json", out / "comparison.png"],
-                                     linked={r.model: r.run_ids for r in rows})
+        run_id = tracking.comparison(cfg.name, files, linked={r.model: r.run_ids for r in rows})
         say(f"MLflow comparison run: {run_id} ({tracking.uri})")
     return out / "comparison.md"
 

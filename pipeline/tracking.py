@@ -319,6 +319,10 @@ class ComparisonTracking:
         return {k.removeprefix("loss/"): metric_history(self.uri, run_id, k)
                 for k in sorted(run_metrics(self.uri, run_id)) if k.startswith("loss/") and k != "loss/total"}
 
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of one metric of a run, by step."""
+        return metric_history(self.uri, run_id, key)
+
     def log_figure(self, run_id: str, figure, name: str) -> None:
         self.client.log_figure(run_id, figure, name)
 

@@ -122,6 +122,18 @@ def test_seeded_comparison_resumes_and_says_which_claims_hold(cfg, tmp_path, ray
         units.append(_unit(SINGLE, seed, "rotten_tomatoes", {"rotten_tomatoes": {"accuracy": rt[seed][1], "f1": 0.5}}))
         units.append(_unit(SINGLE, seed, "bbc_news", {"bbc_news": {"accuracy": bbc[seed][1], "macro_f1": 0.5}}))
         units.append(_unit(SINGLE, seed, "xsum", {"xsum": xsum}))
+    # seed 0's multi-task and rotten_tomatoes single-task models get real MLflow runs with loss and dev histories:
+    # the report's learning curves read them back (the multi-task run has 30 steps, the single-task one 10)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("curves")
+    for unit, loss, dev in ((units[0], [(3, 0.7), (30, 0.4)], [(15, 0.6), (30, 0.8)]),
+                            (units[2], [(1, 0.69), (10, 0.5)], [(10, 0.78)])):
+        run_id = client.create_run(experiment).info.run_id
+        for step, v in loss:
+            client.log_metric(run_id, "loss/rotten_tomatoes", v, step=step)
+        for step, v in dev:
+            client.log_metric(run_id, "dev/rotten_tomatoes/accuracy", v, step=step)
+        unit["run_ids"] = [run_id]
     (out / "comparison.units.jsonl").write_text("".join(json.dumps(u) + "\n" for u in units))
 
     said: list[str] = []
@@ -143,6 +155,9 @@ def test_seeded_comparison_resumes_and_says_which_claims_hold(cfg, tmp_path, ray
     assert f"| {expected.mean:+.1f} | [{expected.low:+.1f}, {expected.high:+.1f}] | within noise |" in claim
     assert "| multi-task (hi-lr) − multi-task (equal weights) | xsum | rouge1 | +5.5 |" in report
     assert "are within noise: no claim either way" in report
+    assert "| rotten_tomatoes accuracy | multi-task (equal weights) | 50%: 60.0, 100%: 80.0 | 0.700 | 0.400 |" in report
+    assert "| rotten_tomatoes accuracy | single-task | 100%: 78.0 | 0.690 | 0.500 |" in report
+    assert (out / "learning_curves.png").stat().st_size > 0
     # the floor row, on the same dev rows: the training split's majority class, the documents' first sentences
     from collections import Counter
 
@@ -167,7 +182,7 @@ def test_seeded_comparison_resumes_and_says_which_claims_hold(cfg, tmp_path, ray
     client = MlflowClient(uri)
     (comparison,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id],
                                        "tags.`mtl.kind` = 'comparison'")
-    assert {"comparison.md", "comparison.json", "comparison.png", "linked_runs.json"} <= \
+    assert {"comparison.md", "comparison.json", "comparison.png", "learning_curves.png", "linked_runs.json"} <= \
         {a.path for a in client.list_artifacts(comparison.info.run_id)}
     for u in trained:  # every baseline run points at the comparison
         assert client.get_run(u["run_ids"][0]).data.tags["mtl.comparison"] == comparison.info.run_id
