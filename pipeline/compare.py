@@ -451,11 +451,14 @@ def run_comparison(cfg: Config, config_path: str, out: Path, command: str, *, se
     files = [out / "comparison.md", out / "comparison.json", out / "comparison.png"]
     if tracking is not None and not skip_single_task:
         curves = learning_curves(tracking, units, seed_list[0], specs)
-        report += "\n" + curves_markdown(curves, specs, seed_list[0])
-        figure = curves_figure(curves, specs)
-        figure.savefig(out / "learning_curves.png", dpi=120)
-        _close(figure)
-        files.append(out / "learning_curves.png")
+        if any(c["loss"] or c["dev"] for rows_ in curves.values() for c in rows_.values()):
+            report += "\n" + curves_markdown(curves, specs, seed_list[0])
+            figure = curves_figure(curves, specs)
+            figure.savefig(out / "learning_curves.png", dpi=120)
+            _close(figure)
+            files.append(out / "learning_curves.png")
+        else:
+            say(f"learning curves: no metric history of seed {seed_list[0]}'s runs in {tracking.uri} (left out)")
     (out / "comparison.md").write_text(report)
     (out / "comparison.json").write_text(json.dumps(
         {"command": command, "config": config_path, "seeds": seed_list, "rows": [r.__dict__ for r in rows],

@@ -333,9 +333,18 @@ class ComparisonTracking:
                                  artifacts=[(f, None) for f in files])
         if linked:
             self.client.log_dict(run_id, dict(linked), "linked_runs.json")
+            from mlflow.exceptions import MlflowException
+            missing = []
             for ids in linked.values():
                 for linked_id in ids:
-                    self.client.set_tag(linked_id, "mtl.comparison", run_id)
+                    try:
+                        self.client.set_tag(linked_id, "mtl.comparison", run_id)
+                    except MlflowException:  # a model trained against another tracking store
+                        missing.append(linked_id)
+            if missing:
+                print(f"warning: {len(missing)} linked model run(s) are not in {self.uri} (trained against another "
+                      f"tracking store?), e.g. {missing[0]}: not tagged; linked_runs.json lists them",
+                      file=sys.stderr, flush=True)
         return run_id
 
 
