@@ -253,14 +253,16 @@ def curves_markdown(curves: dict[str, dict[str, dict]], specs: dict[str, TaskSpe
              "Dev score (×100) at each evaluation, at its share of the run's steps; training loss averaged over the "
              "first and the last tenth of the run. Plot: learning_curves.png.", "",
              "| task | model | dev score by share of steps | loss, first tenth | loss, last tenth |", "|---|---|---|---:|---:|"]
-    def mean(points):  # noqa: E306
-        return f"{sum(v for _, v in points) / len(points):.3f}" if points else "n/a"
     for task, rows in curves.items():
         for row, c in rows.items():
             dev = ", ".join(f"{x:.0%}: {v:.1f}" for x, v in c["dev"]) or "n/a"
-            lines.append(f"| {task} {specs[task].primary_metric} | {row} | {dev} | "
-                         f"{mean([p for p in c['loss'] if p[0] <= 0.1])} | {mean([p for p in c['loss'] if p[0] > 0.9])} |")
+            early, late = ([v for x, v in c["loss"] if keep(x)] for keep in (lambda x: x <= 0.1, lambda x: x > 0.9))
+            lines.append(f"| {task} {specs[task].primary_metric} | {row} | {dev} | {_mean_text(early)} | {_mean_text(late)} |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_text(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.3f}" if values else "n/a"
 
 
 def curves_figure(curves: dict[str, dict[str, dict]], specs: dict[str, TaskSpec]):
