@@ -228,6 +228,23 @@ def _reported(metrics: dict) -> tuple[int, float, dict[str, dict[str, float]], d
     return int(metrics.get("step", 0)), float(metrics.get("best_score", float("nan"))), dev_metrics, task_steps
 
 
+def _preflight(cfg: Config, resume: bool | str, run_name: str | None, log: Callable[[str], None]):
+    """Checks that need no data, before anything starts: the cluster can hold the workers, adapter targets
+    exist in the model, and a resumed run is resumed with the config it was made from. Returns
+    (run name, run folder, the run's previous record or None)."""
+    check_resources(cfg, log)
+    if cfg.model.adapter is not None:
+        from pipeline.model.adapters import check_targets
+        check_targets(cfg.model.name, cfg.model.adapter.target_modules)
+    run_name, run_dir, previous = _run_dir(cfg, resume, run_name)
+    if previous is not None and previous.get("config", {}).get("name") not in (None, cfg.name):
+        raise PipelineError.one("--resume", f"run {run_name!r} was made from the config named "
+                                f"{previous['config']['name']!r}, not {cfg.name!r}",
+                                f"resume it with the config it was made from (name: {previous['config']['name']}), "
+                                "or start a new run without --resume")
+    return run_name, run_dir, previous
+
+
 def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | None = None,
                  log: Callable[[str], None] = print, run_name: str | None = None,
                  parent_run_id: str | None = None, callbacks: list | None = None,
@@ -243,16 +260,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     its step was checkpointed), any other fault RunFailed — each one line naming the fix and the
     `--resume` command, the traceback in `<run dir>/failure.log`."""
     start = time.monotonic()
-    check_resources(cfg, log)
-    if cfg.model.adapter is not None:
-        from pipeline.model.adapters import check_targets
-        check_targets(cfg.model.name, cfg.model.adapter.target_modules)
-    run_name, run_dir, previous = _run_dir(cfg, resume, run_name)
-    if previous is not None and previous.get("config", {}).get("name") not in (None, cfg.name):
-        raise PipelineError.one("--resume", f"run {run_name!r} was made from the config named "
-                                f"{previous['config']['name']!r}, not {cfg.name!r}",
-                                f"resume it with the config it was made from (name: {previous['config']['name']}), "
-                                "or start a new run without --resume")
+    run_name, run_dir, previous = _preflight(cfg, resume, run_name, log)
     done = (previous or {}).get("result")
     if done and done["steps"] >= cfg.train.steps:  # a finished run: only what MLflow may still lack
         uri = tracking_uri(cfg.tracking.uri)
