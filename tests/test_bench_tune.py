@@ -67,3 +67,23 @@ def test_score_correlation_at_every_report():
     trials = [_trial(i, {5: 10.0 - i, 10: 20.0 + i}, 60.0 + i) for i in range(4)]
     got = tune.score_correlation(trials)
     assert got[5] == pytest.approx(-1.0) and got[10] == pytest.approx(1.0)
+
+
+def test_fixed_cost_summary_and_its_table():
+    costs = [{"startup/worker_group_s": 10.0, "startup/engine_s": 5.0, "end/after_last_checkpoint_s": 5.0, "fixed_s": 20.0,
+              "run_s": 80.0},
+             {"startup/worker_group_s": 12.0, "startup/engine_s": 4.0, "end/after_last_checkpoint_s": 4.0, "fixed_s": 20.0,
+              "run_s": 40.0}]
+    trials = [{**_trial(i, {5: 1.0}, 1.0), "costs": c} for i, c in enumerate(costs)] + [{**_trial(2, {}, 0.0), "costs": {}}]
+    s = tune.fixed_cost_summary(trials)
+    assert s["trials"] == 2  # the trial without a recorded run time is left out, not counted as zero
+    assert s["startup/worker_group_s"] == 11.0 and s["fixed_s"] == 20.0 and s["run_s"] == 60.0
+    assert s["share"] == pytest.approx((20 / 80 + 20 / 40) / 2)  # mean of per-trial shares
+    assert tune.fixed_cost_summary([_trial(0, {}, 0.0)]) == {}
+    side = {"best_score": 1.0, "best_trial": "t_00000", "steps": 80, "seconds": 60.0, "trials": trials[:2]}
+    r = {"command": "c", "machine": {"cpus": 2, "cpu": "x", "memory_gb": 1, "python": "3", "torch": "2"}, "spec": "s.yaml",
+         "samples": 2, "steps_per_trial": 40, "report_every": 5, "grace_period": 5, "reduction_factor": 4, "full": side,
+         "asha": side, "score_ratio": 1.0, "steps_ratio": 1.0, "fixed_costs": {"full": s, "asha": {}}}
+    md = tune.markdown(r)
+    assert "| side | trials | worker group | engine | after last checkpoint | fixed | run | fixed share |" in md
+    assert "| full | 2 | 11.0 | 4.5 | 4.5 | 20.0 | 60.0 | 38% |" in md

@@ -37,7 +37,39 @@ def _side(spec: str, scheduler: list[str], overrides: list[str], out: Path, home
     return {"seconds": seconds, "steps": sum(t["steps"] for t in trials), "best_score": best["best_score"],
             "best_trial": best["trial"], "trials": [{**{k: t[k] for k in ("trial", "status", "steps", "best_score",
                                                                           "weights", "ratios", "baseline")},
-                                                     "dev_scores": history.get(t["run_name"], {})} for t in trials]}
+                                                     "dev_scores": history.get(t["run_name"], {}),
+                                                     "costs": fixed_costs(tracking_uri, t["run_id"])} for t in trials]}
+
+
+FIXED_PHASES = ("startup/driver_s", "startup/worker_group_s", "startup/tokenizer_s", "startup/engine_s",
+                "startup/restore_s", "startup/data_and_eval_s", "end/after_last_checkpoint_s")
+
+
+def fixed_costs(uri: str, run_id: str) -> dict[str, float]:
+    """One trial's fixed cost, from its MLflow run: the start-up phases the driver and the workers log
+    (driver set-up, worker group, tokenizer, DeepSpeed engine, restore, data) and the end (final model,
+    shutdown), beside the run's wall time (MLflow run start to end); what is left is steps, evaluations
+    and checkpoints."""
+    from mlflow.tracking import MlflowClient
+    run = MlflowClient(uri).get_run(run_id)
+    costs = {k: float(run.data.metrics[k]) for k in FIXED_PHASES if k in run.data.metrics}
+    costs["fixed_s"] = sum(costs.values())
+    if run.info.end_time and run.info.start_time:
+        costs["run_s"] = (run.info.end_time - run.info.start_time) / 1000
+    return costs
+
+
+def fixed_cost_summary(trials: list[dict]) -> dict[str, float]:
+    """Per-trial means over trials with a recorded cost: each phase, the total fixed cost, the run time and the
+    fixed cost's share of it."""
+    rows = [t["costs"] for t in trials if t.get("costs", {}).get("run_s")]
+    if not rows:
+        return {}
+    keys = sorted({k for r in rows for k in r})
+    out = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys}
+    out["share"] = sum(r["fixed_s"] / r["run_s"] for r in rows) / len(rows)
+    out["trials"] = len(rows)
+    return out
 
 
 def _scores(uri: str, parent_run_id: str) -> dict[str, dict[int, float]]:
@@ -128,6 +160,20 @@ def what_if(trials: list[dict], steps: int, graces: tuple[int, ...] = (5, 10, 15
 def run(command: str, *, spec: str = "jobs/configs/tune_default.yaml", samples: int = 8, steps: int = 40,
         report_every: int = 5, grace: int = 5, reduction: int = 4, extra: list[str] | None = None) -> tuple[dict, str]:
     spec = str((ROOT / spec).resolve())
+    # the benchmark's own knobs given as overrides (`train.steps=120 asha.grace_period=20`) set its sides and
+    # its record alike
+    knobs = {"num_samples": "samples", "train.steps": "steps", "report_every": "report_every",
+             "asha.grace_period": "grace", "asha.reduction_factor": "reduction"}
+    values = {"samples": samples, "steps": steps, "report_every": report_every, "grace": grace, "reduction": reduction}
+    rest = []
+    for item in extra or []:
+        key, _, value = item.partition("=")
+        if key in knobs:
+            values[knobs[key]] = int(value)
+        else:
+            rest.append(item)
+    samples, steps, report_every, grace, reduction = (values[k] for k in ("samples", "steps", "report_every", "grace", "reduction"))
+    extra = rest
     tmp = Path(tempfile.mkdtemp(prefix="bench-tune-"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     common = [f"num_samples={samples}", f"report_every={report_every}", f"train.steps={steps}", "register_as=null",
@@ -142,6 +188,7 @@ def run(command: str, *, spec: str = "jobs/configs/tune_default.yaml", samples: 
               "reduction_factor": reduction, "overrides": common, "full": full, "asha": asha,
               "score_ratio": asha["best_score"] / full["best_score"], "steps_ratio": asha["steps"] / full["steps"]}
     result["rung_correlation"] = rung_correlation(full["trials"], grace, reduction, steps)
+    result["fixed_costs"] = {side: fixed_cost_summary(r["trials"]) for side, r in (("full", full), ("asha", asha))}
     analyse(result)
     return result, markdown(result)
 
@@ -154,7 +201,8 @@ def analyse(result: dict) -> dict:
     replay = replay_asha(full, steps, result["grace_period"], result["reduction_factor"])
     real = {t["trial"].rsplit("_", 1)[-1]: t["steps"] for t in result["asha"]["trials"]}
     result["replay_agrees"] = {k.rsplit("_", 1)[-1]: v for k, v in replay["ran"].items()} == real
-    result["what_if"] = what_if(full, steps)
+    every = result["report_every"]  # every report up to half the budget as a first rung
+    result["what_if"] = what_if(full, steps, graces=tuple(range(every, steps // 2 + 1, every)) or (every,))
     return result
 
 
@@ -169,6 +217,20 @@ def markdown(r: dict) -> str:
         f"| ASHA | {a['best_score']:.2f} | {a['best_trial']} | {a['steps']} | {a['seconds'] / 60:.1f} min |",
         "", f"ASHA found **{100 * r['score_ratio']:.1f}%** of the full-budget best score with **{100 * r['steps_ratio']:.0f}%** "
         "of the steps.", ""]
+    costs = r.get("fixed_costs", {})
+    if any(costs.values()):
+        names = [k for k in FIXED_PHASES if any(k in c for c in costs.values())]
+        md += ["Each trial's fixed cost (means per trial, seconds, from the trials' MLflow runs: the driver's set-up, "
+               "Ray Train's worker group up to each worker's set-up, then the workers' set-up phases, and the end "
+               "from the last checkpoint to the worker group's exit), beside the trial's run time (MLflow run start "
+               "to end):", "",
+               "| side | trials | " + " | ".join(k.split("/", 1)[1].removesuffix("_s").replace("_", " ") for k in names)
+               + " | fixed | run | fixed share |", "|---|---:|" + "---:|" * (len(names) + 3)]
+        for side, c in costs.items():
+            if c:
+                md.append(f"| {side} | {c['trials']} | " + " | ".join(f"{c.get(k, 0.0):.1f}" for k in names)
+                          + f" | {c['fixed_s']:.1f} | {c['run_s']:.1f} | {100 * c['share']:.0f}% |")
+        md.append("")
     if r.get("rung_correlation"):
         md += ["How well the score at an ASHA rung predicts a configuration's full-budget best (Spearman rank "
                "correlation over the full side's trials): " + ", ".join(
