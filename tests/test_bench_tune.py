@@ -87,3 +87,18 @@ def test_fixed_cost_summary_and_its_table():
     md = tune.markdown(r)
     assert "| side | trials | worker group | engine | after last checkpoint | fixed | run | fixed share |" in md
     assert "| full | 2 | 11.0 | 4.5 | 4.5 | 20.0 | 60.0 | 38% |" in md
+
+
+def test_startup_times_split_the_worker_group():
+    from pipeline.train.loop import startup_times
+    stamps = [110.0, 111.0, 115.0, 115.5, 116.0]  # set-up began, tokenizer, engine, restore, data
+    t = startup_times(100.0, stamps, process=103.0, loaded=107.0)
+    assert t["startup/worker_group_s"] == 10.0 and t["startup/engine_s"] == 4.0
+    assert (t["startup/worker_process_s"], t["startup/imports_s"], t["startup/backend_s"]) == (3.0, 4.0, 3.0)
+    # a process Ray started before the fit: its wait counts from the fit's start, nothing of it before
+    t = startup_times(100.0, stamps, process=90.0, loaded=104.0)
+    assert (t["startup/worker_process_s"], t["startup/imports_s"], t["startup/backend_s"]) == (0.0, 4.0, 6.0)
+    # the module loaded before the fit (a reused process): no split rather than a wrong one
+    t = startup_times(100.0, stamps, process=90.0, loaded=95.0)
+    assert "startup/imports_s" not in t and t["startup/worker_group_s"] == 10.0
+    assert "startup/worker_group_s" not in startup_times(0.0, stamps, process=90.0, loaded=95.0)

@@ -44,6 +44,8 @@ def _side(spec: str, scheduler: list[str], overrides: list[str], out: Path, home
 FIXED_PHASES = ("startup/driver_s", "startup/worker_group_s", "startup/tokenizer_s", "startup/engine_s",
                 "startup/restore_s", "startup/data_and_eval_s", "end/after_last_checkpoint_s")
 
+WORKER_GROUP_PARTS = ("startup/worker_process_s", "startup/imports_s", "startup/backend_s")  # within worker_group
+
 
 def fixed_costs(uri: str, run_id: str) -> dict[str, float]:
     """One trial's fixed cost, from its MLflow run: the start-up phases the driver and the workers log
@@ -54,6 +56,7 @@ def fixed_costs(uri: str, run_id: str) -> dict[str, float]:
     run = MlflowClient(uri).get_run(run_id)
     costs = {k: float(run.data.metrics[k]) for k in FIXED_PHASES if k in run.data.metrics}
     costs["fixed_s"] = sum(costs.values())
+    costs.update({k: float(run.data.metrics[k]) for k in WORKER_GROUP_PARTS if k in run.data.metrics})
     if run.info.end_time and run.info.start_time:
         costs["run_s"] = (run.info.end_time - run.info.start_time) / 1000
     return costs
@@ -231,6 +234,14 @@ def markdown(r: dict) -> str:
                 md.append(f"| {side} | {c['trials']} | " + " | ".join(f"{c.get(k, 0.0):.1f}" for k in names)
                           + f" | {c['fixed_s']:.1f} | {c['run_s']:.1f} | {100 * c['share']:.0f}% |")
         md.append("")
+        parts = [k for k in WORKER_GROUP_PARTS if any(k in c for c in costs.values())]
+        if parts:
+            md += ["The worker group's share, split: " + "; ".join(
+                f"{side}: " + ", ".join(f"{k.split('/', 1)[1].removesuffix('_s').replace('_', ' ')} {c.get(k, 0.0):.1f} s"
+                                        for k in parts) for side, c in costs.items() if c) +
+                   " (worker process: Ray Train's controller, the placement group and the worker actor scheduled until "
+                   "its process exists; imports: the process's Python start and the training module's imports; "
+                   "backend: Ray Train's worker set-up and the torch process group).", ""]
     if r.get("rung_correlation"):
         md += ["How well the score at an ASHA rung predicts a configuration's full-budget best (Spearman rank "
                "correlation over the full side's trials): " + ", ".join(

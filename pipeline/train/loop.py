@@ -38,6 +38,8 @@ from pipeline.train.rundir import BEST_MODEL, CHECKPOINT_META, DS_TAG, FINAL_MOD
 from pipeline.tracking import RunLogger
 from pipeline.train.weighting import make_weighting
 from pipeline.train.progress import send
+
+LOADED = time.time()  # this module and its imports (torch, transformers, the project) loaded in this process
 from pipeline.train.window import Profiler, Window
 
 
@@ -443,7 +445,7 @@ class Worker:
         self.window = Window(list(job.tasks), self.profiler)  # the log interval's losses and timings
         stamps.append(time.time())
         if self.tracker is not None:  # where a run's fixed start-up cost goes (rank 0's clock)
-            self.tracker.log_metrics(startup_times(job.fit_started, stamps), self.state.step)
+            self.tracker.log_metrics(startup_times(job.fit_started, stamps, process_started()), self.state.step)
 
     def step(self, task: str) -> bool:
         """One optimizer step of `task` at the scheduled lr; True when it was the last one."""
@@ -517,14 +519,34 @@ class Worker:
 STARTUP_PHASES = ("tokenizer", "engine", "restore", "data_and_eval")
 
 
-def startup_times(fit_started: float, stamps: list[float]) -> dict[str, float]:
+def process_started() -> float:
+    """Wall clock when this worker's process started (0.0 when the OS cannot say)."""
+    try:
+        import psutil
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - a missing number, not a failed run
+        return 0.0
+
+
+def startup_times(fit_started: float, stamps: list[float], process: float = 0.0,
+                  loaded: float | None = None) -> dict[str, float]:
     """`startup/*` seconds: `worker_group` from the driver starting the worker group to this worker's set-up
     (placement group, actor processes and their imports, process group), then each set-up phase: tokenizer,
     DeepSpeed engine (model built, optimizer, ZeRO partitioning), restore (checkpoint or fresh state),
-    data_and_eval (dataset shards, dev evaluation set-up, MLflow logger)."""
+    data_and_eval (dataset shards, dev evaluation set-up, MLflow logger). `worker_group` splits further when
+    the worker's process start is known: `worker_process` (Ray Train's controller, the placement group and
+    the actor scheduled until its process exists; 0 when Ray reused a process started earlier), `imports`
+    (from the process start to this module and its imports loaded) and `backend` (the rest: Ray Train's
+    worker set-up, the torch process group, the job handed over)."""
+    loaded = LOADED if loaded is None else loaded
     times = {f"startup/{p}_s": b - a for p, a, b in zip(STARTUP_PHASES, stamps, stamps[1:])}
     if fit_started:
         times["startup/worker_group_s"] = stamps[0] - fit_started
+        if process and fit_started <= loaded <= stamps[0]:
+            start = max(process, fit_started)  # a pre-started process counts from the fit's start
+            times["startup/worker_process_s"] = start - fit_started
+            times["startup/imports_s"] = max(0.0, loaded - start)
+            times["startup/backend_s"] = stamps[0] - loaded
     return times
 
 
