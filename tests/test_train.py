@@ -264,11 +264,14 @@ def test_two_classification_tasks_and_xsum_all_learn(tmp_path, cache_dir, backbo
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"rotten_tomatoes", "bbc_news", "xsum"}
     # the fixed costs around the steps, each phase once: worker set-up at step 0, the driver's at the end
     startup = {k: _history(cfg, result.run_id, k) for k in run.data.metrics if k.startswith(("startup/", "end/"))}
+    parts = {"startup/worker_process_s", "startup/imports_s", "startup/backend_s"}  # the worker group, split
     assert set(startup) == {"startup/driver_s", "startup/worker_group_s", "startup/tokenizer_s", "startup/engine_s",
-                            "startup/restore_s", "startup/data_and_eval_s", "end/after_last_checkpoint_s"}, startup
+                            "startup/restore_s", "startup/data_and_eval_s", "end/after_last_checkpoint_s"} | parts, startup
     assert all(len(h) == 1 and h[0][1] >= 0 for h in startup.values()), startup
     assert startup["startup/engine_s"][0][0] == 0 and startup["end/after_last_checkpoint_s"][0][0] == 60
-    phases = sum(h[0][1] for h in startup.values())
+    assert sum(startup[k][0][1] for k in parts) == pytest.approx(startup["startup/worker_group_s"][0][1], abs=1e-3)
+    assert startup["startup/imports_s"][0][1] > 0.5  # torch and transformers at least: a real import, not a stamp
+    phases = sum(h[0][1] for k, h in startup.items() if k not in parts)
     assert phases < result.wall_seconds, (phases, result.wall_seconds)
 
 
