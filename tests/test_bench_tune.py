@@ -98,7 +98,8 @@ def test_startup_times_split_the_worker_group():
     # a process Ray started before the fit: its wait counts from the fit's start, nothing of it before
     t = startup_times(100.0, stamps, process=90.0, loaded=104.0)
     assert (t["startup/worker_process_s"], t["startup/imports_s"], t["startup/backend_s"]) == (0.0, 4.0, 6.0)
-    # the module loaded before the fit (a reused process): no split rather than a wrong one
+    # a pooled process that had loaded the module before the fit: no process start, no imports paid by this fit
     t = startup_times(100.0, stamps, process=90.0, loaded=95.0)
-    assert "startup/imports_s" not in t and t["startup/worker_group_s"] == 10.0
+    assert (t["startup/worker_process_s"], t["startup/imports_s"], t["startup/backend_s"]) == (0.0, 0.0, 10.0)
+    assert "startup/imports_s" not in startup_times(100.0, stamps)  # process start unknown: no split
     assert "startup/worker_group_s" not in startup_times(0.0, stamps, process=90.0, loaded=95.0)

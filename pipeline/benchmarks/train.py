@@ -121,10 +121,12 @@ def job_side(cfg) -> dict[str, Any]:
     tokens = sum(r * w for r, w in zip(rates, windows[1:]))  # the group's tokens in the kept windows
     cpu = sum(series("time/cpu")[1:])  # rank 0's process, over the same windows
     startup = result.wall_seconds - sum(windows) - sum(series("time/paused"))
-    memory = {k.split("/", 1)[1]: v for k, v in run_metrics(result.tracking_uri, result.run_id).items() if k.startswith("memory/")}
+    metrics = run_metrics(result.tracking_uri, result.run_id)
+    memory = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("memory/")}
+    phases_startup = {k: v for k, v in metrics.items() if k.startswith(("startup/", "end/"))}
     return {"tokens_per_s": median(rates), "windows": rates, "wall_s": result.wall_seconds, "run": result.run_name,
             "task_steps": result.task_steps,
-            "startup_s": startup, "first_window_s": windows[0] if windows else None,
+            "startup_s": startup, "startup_phases_s": phases_startup, "first_window_s": windows[0] if windows else None,
             "phases_s": phases, "measured_s": train_s, "measured_tokens": tokens, "memory": memory,
             "cpu_use": cpu / (train_s * cfg.train.cpus_per_worker) if train_s else None}
 
@@ -231,6 +233,20 @@ def markdown(r: dict) -> str:
             cells = " | ".join(per_k(j["phases_s"].get(k, 0.0), j["measured_tokens"]) for k in PHASES + ("comm",))
             md.append(f"| job, {s['workers']} worker(s), ZeRO-{s['zero_stage']} | {cells} | "
                       f"{per_k(j['measured_s'], j['measured_tokens'])} | {use(j)} |")
+    keys = ("startup/driver_s", "startup/worker_process_s", "startup/imports_s", "startup/backend_s",
+            "startup/tokenizer_s", "startup/engine_s", "startup/restore_s", "startup/data_and_eval_s",
+            "end/after_last_checkpoint_s")
+    if any(s["job"].get("startup_phases_s") for s in r["runs"]):
+        md += ["", "The job's fixed cost by phase, seconds (rank 0's clock; the worker group = worker process + imports + "
+               "backend: Ray Train's controller, the placement group and the actor until its process exists, the "
+               "process's Python start and the training module's imports, then Ray Train's worker set-up and the torch "
+               "process group):", "",
+               "| workers | ZeRO | " + " | ".join(k.split("/", 1)[1].removesuffix("_s").replace("_", " ") for k in keys)
+               + " |", "|---:|---:|" + "---:|" * len(keys)]
+        for s in r["runs"]:
+            ph = s["job"].get("startup_phases_s") or {}
+            md.append(f"| {s['workers']} | {s['zero_stage']} | "
+                      + " | ".join(f"{ph[k]:.1f}" if k in ph else "—" for k in keys) + " |")
     md += ["", "CPU use: CPU time of the training process (rank 0 on the job side) over wall time × the cores it was "
            "given, in the same windows — below 100% when other processes (Ray's daemons and Ray Train's helper actors "
            "on the job side, Ray's daemons on both) take a share of the machine.", "",

@@ -535,18 +535,21 @@ def startup_times(fit_started: float, stamps: list[float], process: float = 0.0,
     DeepSpeed engine (model built, optimizer, ZeRO partitioning), restore (checkpoint or fresh state),
     data_and_eval (dataset shards, dev evaluation set-up, MLflow logger). `worker_group` splits further when
     the worker's process start is known: `worker_process` (Ray Train's controller, the placement group and
-    the actor scheduled until its process exists; 0 when Ray reused a process started earlier), `imports`
-    (from the process start to this module and its imports loaded) and `backend` (the rest: Ray Train's
-    worker set-up, the torch process group, the job handed over)."""
+    the actor scheduled until its process exists; 0 when Ray gave the actor a process started earlier), `imports`
+    (from then to this module and its imports loaded; 0 when that process had loaded them already) and `backend`
+    (the rest: Ray Train's worker set-up, the torch process group, the job handed over)."""
     loaded = LOADED if loaded is None else loaded
     times = {f"startup/{p}_s": b - a for p, a, b in zip(STARTUP_PHASES, stamps, stamps[1:])}
     if fit_started:
         times["startup/worker_group_s"] = stamps[0] - fit_started
-        if process and fit_started <= loaded <= stamps[0]:
-            start = max(process, fit_started)  # a pre-started process counts from the fit's start
+        if process and loaded <= stamps[0]:
+            # a process Ray started before the fit (a pooled worker) counts from the fit's start, and imports it had
+            # already done (it ran other project code) cost this fit nothing
+            start = min(max(process, fit_started), stamps[0])
+            ready = max(loaded, start)
             times["startup/worker_process_s"] = start - fit_started
-            times["startup/imports_s"] = max(0.0, loaded - start)
-            times["startup/backend_s"] = stamps[0] - loaded
+            times["startup/imports_s"] = ready - start
+            times["startup/backend_s"] = stamps[0] - ready
     return times
 
 
