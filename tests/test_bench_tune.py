@@ -103,3 +103,11 @@ def test_startup_times_split_the_worker_group():
     assert (t["startup/worker_process_s"], t["startup/imports_s"], t["startup/backend_s"]) == (0.0, 0.0, 10.0)
     assert "startup/imports_s" not in startup_times(100.0, stamps)  # process start unknown: no split
     assert "startup/worker_group_s" not in startup_times(0.0, stamps, process=90.0, loaded=95.0)
+
+
+def test_benchmark_knobs_from_overrides_are_checked_before_anything_runs():
+    from pipeline.errors import PipelineError
+    with pytest.raises(PipelineError) as err:
+        tune.run("c", extra=["asha.reduction_factor=2.5"])
+    assert str(err.value).startswith("asha.reduction_factor: '2.5' is not a whole number")
+    assert "e.g. asha.reduction_factor=4" in str(err.value)

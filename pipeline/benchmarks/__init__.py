@@ -109,3 +109,13 @@ def write(name: str, result: dict[str, Any], markdown: str, out: Path | None = N
 
 def header(title: str, command: str, m: dict[str, Any]) -> list[str]:
     return [f"# Benchmark: {title}", "", f"Command: `{command}`", "", f"Machine: {machine_line(m)}.", ""]
+
+
+def cost_label(key: str) -> str:
+    """A fixed-cost metric's column title: `startup/data_and_eval_s` -> `data and eval`."""
+    return key.split("/", 1)[1].removesuffix("_s").replace("_", " ")
+
+
+WORKER_GROUP_TEXT = ("worker process: Ray Train's controller, the placement group and the actor until its process "
+                     "exists; imports: the process's Python start and the training module's imports; backend: Ray "
+                     "Train's worker set-up and the torch process group")

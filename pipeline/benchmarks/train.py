@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline.benchmarks import header, machine, median
+from pipeline.benchmarks import WORKER_GROUP_TEXT, cost_label, header, machine, median
 
 PHASES = ("data", "forward", "backward", "step", "other")  # add up to the window; comm is inside backward/step
 
@@ -233,16 +233,12 @@ def markdown(r: dict) -> str:
             cells = " | ".join(per_k(j["phases_s"].get(k, 0.0), j["measured_tokens"]) for k in PHASES + ("comm",))
             md.append(f"| job, {s['workers']} worker(s), ZeRO-{s['zero_stage']} | {cells} | "
                       f"{per_k(j['measured_s'], j['measured_tokens'])} | {use(j)} |")
-    keys = ("startup/driver_s", "startup/worker_process_s", "startup/imports_s", "startup/backend_s",
-            "startup/tokenizer_s", "startup/engine_s", "startup/restore_s", "startup/data_and_eval_s",
-            "end/after_last_checkpoint_s")
+    from pipeline.train.loop import FIXED_COSTS, WORKER_GROUP_PARTS
+    keys = (FIXED_COSTS[0], *WORKER_GROUP_PARTS, *FIXED_COSTS[2:])  # the worker group shown by its parts
     if any(s["job"].get("startup_phases_s") for s in r["runs"]):
-        md += ["", "The job's fixed cost by phase, seconds (rank 0's clock; the worker group = worker process + imports + "
-               "backend: Ray Train's controller, the placement group and the actor until its process exists, the "
-               "process's Python start and the training module's imports, then Ray Train's worker set-up and the torch "
-               "process group):", "",
-               "| workers | ZeRO | " + " | ".join(k.split("/", 1)[1].removesuffix("_s").replace("_", " ") for k in keys)
-               + " |", "|---:|---:|" + "---:|" * len(keys)]
+        md += ["", f"The job's fixed cost by phase, seconds (rank 0's clock; the worker group = worker process + imports "
+               f"+ backend — {WORKER_GROUP_TEXT}):", "",
+               "| workers | ZeRO | " + " | ".join(cost_label(k) for k in keys) + " |", "|---:|---:|" + "---:|" * len(keys)]
         for s in r["runs"]:
             ph = s["job"].get("startup_phases_s") or {}
             md.append(f"| {s['workers']} | {s['zero_stage']} | "

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.benchmarks import header, machine
+from pipeline.errors import PipelineError
+from pipeline.benchmarks import WORKER_GROUP_TEXT, cost_label, header, machine
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,20 +42,16 @@ def _side(spec: str, scheduler: list[str], overrides: list[str], out: Path, home
                                                      "costs": fixed_costs(tracking_uri, t["run_id"])} for t in trials]}
 
 
-FIXED_PHASES = ("startup/driver_s", "startup/worker_group_s", "startup/tokenizer_s", "startup/engine_s",
-                "startup/restore_s", "startup/data_and_eval_s", "end/after_last_checkpoint_s")
-
-WORKER_GROUP_PARTS = ("startup/worker_process_s", "startup/imports_s", "startup/backend_s")  # within worker_group
-
-
 def fixed_costs(uri: str, run_id: str) -> dict[str, float]:
     """One trial's fixed cost, from its MLflow run: the start-up phases the driver and the workers log
     (driver set-up, worker group, tokenizer, DeepSpeed engine, restore, data) and the end (final model,
     shutdown), beside the run's wall time (MLflow run start to end); what is left is steps, evaluations
     and checkpoints."""
     from mlflow.tracking import MlflowClient
+
+    from pipeline.train.loop import FIXED_COSTS, WORKER_GROUP_PARTS
     run = MlflowClient(uri).get_run(run_id)
-    costs = {k: float(run.data.metrics[k]) for k in FIXED_PHASES if k in run.data.metrics}
+    costs = {k: float(run.data.metrics[k]) for k in FIXED_COSTS if k in run.data.metrics}
     costs["fixed_s"] = sum(costs.values())
     costs.update({k: float(run.data.metrics[k]) for k in WORKER_GROUP_PARTS if k in run.data.metrics})
     if run.info.end_time and run.info.start_time:
@@ -171,10 +168,13 @@ def run(command: str, *, spec: str = "jobs/configs/tune_default.yaml", samples: 
     rest = []
     for item in extra or []:
         key, _, value = item.partition("=")
-        if key in knobs:
-            values[knobs[key]] = int(value)
-        else:
+        if key not in knobs:
             rest.append(item)
+        elif not value.strip().isdigit() or int(value) < 1:
+            raise PipelineError.one(key, f"{value!r} is not a whole number >= 1 (the benchmark counts trials and steps)",
+                                    f"write a whole number, e.g. {key}={values[knobs[key]]}")
+        else:
+            values[knobs[key]] = int(value)
     samples, steps, report_every, grace, reduction = (values[k] for k in ("samples", "steps", "report_every", "grace", "reduction"))
     extra = rest
     tmp = Path(tempfile.mkdtemp(prefix="bench-tune-"))
@@ -222,12 +222,13 @@ def markdown(r: dict) -> str:
         "of the steps.", ""]
     costs = r.get("fixed_costs", {})
     if any(costs.values()):
-        names = [k for k in FIXED_PHASES if any(k in c for c in costs.values())]
+        from pipeline.train.loop import FIXED_COSTS, WORKER_GROUP_PARTS
+        names = [k for k in FIXED_COSTS if any(k in c for c in costs.values())]
         md += ["Each trial's fixed cost (means per trial, seconds, from the trials' MLflow runs: the driver's set-up, "
                "Ray Train's worker group up to each worker's set-up, then the workers' set-up phases, and the end "
                "from the last checkpoint to the worker group's exit), beside the trial's run time (MLflow run start "
                "to end):", "",
-               "| side | trials | " + " | ".join(k.split("/", 1)[1].removesuffix("_s").replace("_", " ") for k in names)
+               "| side | trials | " + " | ".join(cost_label(k) for k in names)
                + " | fixed | run | fixed share |", "|---|---:|" + "---:|" * (len(names) + 3)]
         for side, c in costs.items():
             if c:
@@ -237,11 +238,8 @@ def markdown(r: dict) -> str:
         parts = [k for k in WORKER_GROUP_PARTS if any(k in c for c in costs.values())]
         if parts:
             md += ["The worker group's share, split: " + "; ".join(
-                f"{side}: " + ", ".join(f"{k.split('/', 1)[1].removesuffix('_s').replace('_', ' ')} {c.get(k, 0.0):.1f} s"
-                                        for k in parts) for side, c in costs.items() if c) +
-                   " (worker process: Ray Train's controller, the placement group and the worker actor scheduled until "
-                   "its process exists; imports: the process's Python start and the training module's imports; "
-                   "backend: Ray Train's worker set-up and the torch process group).", ""]
+                f"{side}: " + ", ".join(f"{cost_label(k)} {c.get(k, 0.0):.1f} s" for k in parts)
+                for side, c in costs.items() if c) + f" ({WORKER_GROUP_TEXT}).", ""]
     if r.get("rung_correlation"):
         md += ["How well the score at an ASHA rung predicts a configuration's full-budget best (Spearman rank "
                "correlation over the full side's trials): " + ", ".join(

@@ -38,9 +38,9 @@ from pipeline.train.rundir import BEST_MODEL, CHECKPOINT_META, DS_TAG, FINAL_MOD
 from pipeline.tracking import RunLogger
 from pipeline.train.weighting import make_weighting
 from pipeline.train.progress import send
+from pipeline.train.window import Profiler, Window
 
 LOADED = time.time()  # this module and its imports (torch, transformers, the project) loaded in this process
-from pipeline.train.window import Profiler, Window
 
 
 
@@ -517,6 +517,10 @@ class Worker:
 
 
 STARTUP_PHASES = ("tokenizer", "engine", "restore", "data_and_eval")
+WORKER_GROUP_PARTS = ("startup/worker_process_s", "startup/imports_s", "startup/backend_s")  # within worker_group
+# every fixed-cost metric a run logs, in order; the parts of the worker group are inside it, not beside it
+FIXED_COSTS = ("startup/driver_s", "startup/worker_group_s", *(f"startup/{p}_s" for p in STARTUP_PHASES),
+               "end/after_last_checkpoint_s")
 
 
 def process_started() -> float:
