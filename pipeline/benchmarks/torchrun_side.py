@@ -81,9 +81,9 @@ def main(job_path: str, out_path: str) -> None:
     from pipeline.model.multitask import Head
     from pipeline.model.refs import load_tokenizer
     from pipeline.model.summarize import summary_format
-    from pipeline.runtime import quiet_libraries
+    from pipeline.runtime import keep_freed_memory, quiet_libraries
     from pipeline.train.loop import (WorkerJob, batches_forever, build_engine, clear_stale_grads, lr_lambda, mean_over_ranks,
-                                     set_clip, train_step)
+                                     set_clip, skip_inference_comm_op, train_step)
     from pipeline.train.mixing import TaskSampler
     from pipeline.train.window import Profiler, Window
 
@@ -96,6 +96,8 @@ def main(job_path: str, out_path: str) -> None:
     train, specs = cfg.train, cfg.task_specs()
     prepared = {n: PreparedTask(n, specs[n], Path(t["path"]), t["manifest"], t["cache_hit"]) for n, t in given["tasks"].items()}
     quiet_libraries()
+    keep_freed_memory()  # the job's worker does the same first thing
+    skip_inference_comm_op()  # before init_distributed, which would build it (the job's process group comes from Ray Train)
     deepspeed.init_distributed(dist_backend="nccl" if train.use_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, int(train.cpus_per_worker)))

@@ -24,7 +24,7 @@ from pipeline import storage
 from pipeline.config import Config, config_to_dict
 from pipeline.data.preprocess import PreparedTask, prepare_tasks
 from pipeline.errors import PipelineError, Problem
-from pipeline.runtime import VERBOSE
+from pipeline.runtime import KEEP_FREED_MEMORY, VERBOSE
 from pipeline.train.failure import (RunFailed, clear_failure, last_checkpoint_step, log_failure, resume_command,
                                     take_failure, what_died)
 from pipeline.train.mixing import Mixture, normalise_weights
@@ -137,9 +137,9 @@ def _task_meta(cfg: Config, spec) -> dict[str, Any]:
 
 
 def _worker_env() -> dict | None:
-    """Variables of this process the training workers need too: --verbose, and fault injection (tests)."""
+    """Variables of this process the training workers need too: --verbose, $MTL_KEEP_FREED_MEMORY, and fault injection (tests)."""
     from pipeline.eval.metrics import FAULT_METRIC
-    env = {k: os.environ[k] for k in (FAULT_METRIC, VERBOSE) if k in os.environ}
+    env = {k: os.environ[k] for k in (FAULT_METRIC, VERBOSE, KEEP_FREED_MEMORY) if k in os.environ}
     return {"env_vars": env} if env else None
 
 

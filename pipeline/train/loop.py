@@ -32,7 +32,7 @@ from pipeline.model.refs import load_tokenizer
 from pipeline.model.summarize import PromptFormat, Seq2SeqFormat, pad, summary_format
 from pipeline.train.checkpoints import choose, dir_name, write_manifest
 from pipeline.train.memory import model_state_bytes, peak_rss_bytes
-from pipeline.runtime import quiet_libraries
+from pipeline.runtime import keep_freed_memory, quiet_libraries
 from pipeline.train.mixing import Mixture, TaskSampler
 from pipeline.train.rundir import BEST_MODEL, CHECKPOINT_META, DS_TAG, FINAL_MODEL
 from pipeline.tracking import RunLogger
@@ -415,6 +415,7 @@ class Worker:
     def __init__(self, job: WorkerJob):
         import ray.train
         began = time.time()
+        keep_freed_memory()  # no page faults for the same activations at every step (pipeline/runtime.py)
         self.job, self.cfg, self.train = job, job.config, job.config.train
         train = self.train
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if train.use_gpu else "cpu")  # no detection warning per worker
