@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__, command=NAMES)
     parser.set_defaults(config=None)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="repetitions per side where a benchmark repeats (default 3)")
+    parser.add_argument("--repeats", type=int, help="repetitions per side: preprocess, generate, train-data (default 3), "
+                        "train (default 1: each row's three sides, back to back, that many times; the ratios are the "
+                        "median over repeats, with their range)")
     parser.add_argument("--glue-dir", type=Path, help="preprocess: the GLUE folder holding SST-2/train.tsv")
     parser.add_argument("--stages", default="0,1,2,3", help="train: ZeRO stages (default: %(default)s)")
     parser.add_argument("--workers", default="1,2", help="train: worker counts at equal total cores (default: %(default)s)")

@@ -151,7 +151,7 @@ def test_unreachable_optional_tracking_warns_and_trains(tmp_path, cache_dir, cap
 def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, "jobs/benchmark.py", "train", "--config", "jobs/configs/bench_train.yaml", "--out", str(tmp_path),
-           "--stages", "2", "--workers", "2", "model.name=tiny-bert", "train.steps=12", "train.log_every=2",
+           "--stages", "2", "--workers", "2", "--repeats", "2", "model.name=tiny-bert", "train.steps=12", "train.log_every=2",
            "train.warmup_steps=0", f"train.storage_path={tmp_path / 'runs'}", f"tracking.uri={mlflow_uri(tmp_path)}",
            f"data.cache_dir={cache_dir}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -159,7 +159,14 @@ def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
     result = json.loads((tmp_path / "train.json").read_text())
     (run,) = result["runs"]
     assert run["plain"]["tokens_per_s"] > 0 and run["job"]["tokens_per_s"] > 0 and run["zero_stage"] == 2
-    assert run["ratio"] == pytest.approx(run["job"]["tokens_per_s"] / run["plain"]["tokens_per_s"])
+    assert len(run["repeats"]) == 2  # the row's three sides ran twice; its ratios are medians with their range
+    for key in ("ratio", "ray_ratio", "deepspeed_ratio"):
+        values = [r[key] for r in run["repeats"]]
+        assert run[key] == pytest.approx(sum(values) / 2) and run["range"][key] == [min(values), max(values)]
+    for r in run["repeats"]:
+        assert r["ratio"] == pytest.approx(r["job_tokens_per_s"] / r["plain_tokens_per_s"])
+        assert r["ray_ratio"] * r["deepspeed_ratio"] == pytest.approx(r["ratio"])
+    assert run["job"]["tokens_per_s"] in [r["job_tokens_per_s"] for r in run["repeats"]]
     assert len(run["job"]["windows"]) == 5 and len(run["plain"]["windows"]) == 5  # 6 windows, the warm-up one left out
     phases = run["job"]["phases_s"]
     # the profiled phases account for the measured training time (they are timed back to back)
@@ -174,13 +181,14 @@ def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
     native = run["torchrun"]  # the third side: the same loop under torchrun, no Ray
     assert native["tokens_per_s"] > 0 and len(native["windows"]) == 5
     assert native["task_steps"] == run["job"]["task_steps"]  # the same seeded task sequence on both sides
-    assert run["ray_ratio"] * run["deepspeed_ratio"] == pytest.approx(run["ratio"])
     fixed = run["job"]["startup_phases_s"]  # the job's fixed cost by phase, from its MLflow run
     assert fixed["startup/engine_s"] > 0 and "end/after_last_checkpoint_s" in fixed
     assert sum(fixed[f"startup/{k}_s"] for k in ("worker_process", "imports", "backend")) == pytest.approx(
         fixed["startup/worker_group_s"], abs=1e-3)
     md = (tmp_path / "train.md").read_text()
     assert "The job's fixed cost by phase" in md and "| 2 | 2 | " in md.split("The job's fixed cost by phase")[1]
+    low, high = run["range"]["ray_ratio"]
+    assert f"**{run['ray_ratio']:.2f}×** ({low:.2f}–{high:.2f})" in md and "ran 2 times back to back" in md
     assert "job / torchrun (Ray)" in md and "| torchrun + DeepSpeed, 2 process(es), ZeRO-2 |" in md
     assert "job / plain" in md and "| plain PyTorch (run before the next row) |" in md and "CPU use" in md and (tmp_path / "RESULTS.md").read_text().count("## Benchmark: training throughput") == 1
 

@@ -21,7 +21,7 @@ ORDER = ["preprocess", "train_data", "train", "memory_bf16", "memory_fp32", "lor
 
 
 def run_benchmark(name: str, command: str, *, config: str | None = None, overrides: list[str] = (),
-                  repeats: int = 3, glue_dir: Path | None = None, stages: str = "0,1,2,3", workers: str = "1,2",
+                  repeats: int | None = None, glue_dir: Path | None = None, stages: str = "0,1,2,3", workers: str = "1,2",
                   precision: str = "bf16") -> tuple[str, dict[str, Any], str]:
     """Run benchmark `name` (one of NAMES); (result name, JSON-able result, Markdown)."""
     from pipeline.config import load_config
@@ -32,12 +32,12 @@ def run_benchmark(name: str, command: str, *, config: str | None = None, overrid
         if glue_dir is None or not (glue_dir / "SST-2" / "train.tsv").is_file():
             raise PipelineError.one("--glue-dir", f"no SST-2/train.tsv under {glue_dir}",
                                     "pass the GLUE folder (the standard layout: SST-2/train.tsv)")
-        result, md = preprocess.run(glue_dir.resolve(), command, repeats=repeats)
+        result, md = preprocess.run(glue_dir.resolve(), command, repeats=repeats or 3)
     elif name == "train":
         from pipeline.benchmarks import train
         cfg = load_config(config or "jobs/configs/bench_train.yaml", list(overrides))
         result, md = train.run(cfg, command, stages=tuple(int(s) for s in stages.split(",")),
-                               workers=tuple(int(w) for w in workers.split(",")))
+                               workers=tuple(int(w) for w in workers.split(",")), repeats=repeats or 1)
     elif name == "memory":
         from pipeline.benchmarks import memory
         result, md = memory.run(command, precision=precision)
@@ -47,14 +47,14 @@ def run_benchmark(name: str, command: str, *, config: str | None = None, overrid
         result, md = tune.run(command, extra=list(overrides))
     elif name == "generate":
         from pipeline.benchmarks import generate
-        result, md = generate.run(command, repeats=repeats)
+        result, md = generate.run(command, repeats=repeats or 3)
     elif name == "lora":
         from pipeline.benchmarks import lora
         result, md = lora.run(command)
     elif name == "train_data":
         from pipeline.benchmarks import train_data
         cfg = load_config(config or "jobs/configs/default.yaml", list(overrides))
-        result, md = train_data.run(cfg, command, repeats=repeats)
+        result, md = train_data.run(cfg, command, repeats=repeats or 3)
     else:
         from pipeline.benchmarks import gpu_plan
         result, md = gpu_plan.run(command)

@@ -139,7 +139,14 @@ def _mfu(flops_token: float, tokens_per_s: float, gpus: int) -> float | None:
     return mfu(flops_token, tokens_per_s, torch.cuda.get_device_name(0), gpus)
 
 
-def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: float = 2.0) -> tuple[dict, str]:
+RATIOS = ("ratio", "ray_ratio", "deepspeed_ratio")
+
+
+def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: float = 2.0,
+        repeats: int = 1) -> tuple[dict, str]:
+    """Every (workers, stage) row: plain loop, torchrun side, job, back to back, `repeats` times. A row's ratios
+    are the median over its repeats (each repeat's job against the plain and torchrun runs right before it),
+    with their range; its sides' numbers and phases are those of the repeat with the median Ray share."""
     from pipeline.data.preprocess import prepare_tasks
     from pipeline.runtime import init_ray
     from pipeline.train.driver import rows_used
@@ -156,26 +163,42 @@ def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: f
         per_worker = cfg.model_copy(update={"train": cfg.train.model_copy(update={
             "num_workers": n, "cpus_per_worker": total_cpus / n, "batch_size": global_batch // n, "profile": True})})
         for stage in stages:
-            # The plain loop runs right before each job side, so drift on a shared machine hits both alike.
-            print(f"plain PyTorch loop, {int(total_cpus)} threads, global batch {global_batch} ...", flush=True)
-            plain = plain_loop(per_worker, prepared, ratios, weights)
             c = per_worker.model_copy(update={"train": per_worker.train.model_copy(update={"zero_stage": stage})})
-            print(f"torchrun + DeepSpeed: {n} process(es) × {total_cpus / n:g} CPU, ZeRO-{stage} ...", flush=True)
-            native = torchrun_side(c, prepared, weights)
-            print(f"training job: {n} worker(s) × {total_cpus / n:g} CPU, ZeRO-{stage} ...", flush=True)
-            job = job_side(c)
-            print(f"  {job['tokens_per_s']:,.0f} tokens/s (torchrun {native['tokens_per_s']:,.0f}, "
-                  f"plain {plain['tokens_per_s']:,.0f})", flush=True)
-            flops = plain["flops_per_token"] * job["tokens_per_s"]
-            sides.append({"workers": n, "zero_stage": stage, "job": job, "plain": plain, "torchrun": native,
-                          "ratio": job["tokens_per_s"] / plain["tokens_per_s"],
-                          "ray_ratio": job["tokens_per_s"] / native["tokens_per_s"],
-                          "deepspeed_ratio": native["tokens_per_s"] / plain["tokens_per_s"], "model_tflops": flops / 1e12,
-                          "mfu": _mfu(plain["flops_per_token"], job["tokens_per_s"], n) if c.train.use_gpu else None})
+            reps = []
+            for rep in range(repeats):
+                of = f" (repeat {rep + 1}/{repeats})" if repeats > 1 else ""
+                # The plain loop runs right before each job side, so drift on a shared machine hits both alike.
+                print(f"plain PyTorch loop, {int(total_cpus)} threads, global batch {global_batch}{of} ...", flush=True)
+                plain = plain_loop(per_worker, prepared, ratios, weights)
+                print(f"torchrun + DeepSpeed: {n} process(es) × {total_cpus / n:g} CPU, ZeRO-{stage}{of} ...", flush=True)
+                native = torchrun_side(c, prepared, weights)
+                print(f"training job: {n} worker(s) × {total_cpus / n:g} CPU, ZeRO-{stage}{of} ...", flush=True)
+                job = job_side(c)
+                print(f"  {job['tokens_per_s']:,.0f} tokens/s (torchrun {native['tokens_per_s']:,.0f}, "
+                      f"plain {plain['tokens_per_s']:,.0f})", flush=True)
+                reps.append({"job": job, "plain": plain, "torchrun": native,
+                             "ratio": job["tokens_per_s"] / plain["tokens_per_s"],
+                             "ray_ratio": job["tokens_per_s"] / native["tokens_per_s"],
+                             "deepspeed_ratio": native["tokens_per_s"] / plain["tokens_per_s"]})
+            shown = sorted(reps, key=lambda r: r["ray_ratio"])[(len(reps) - 1) // 2]  # the median repeat's sides
+            flops = shown["plain"]["flops_per_token"] * shown["job"]["tokens_per_s"]
+            sides.append({"workers": n, "zero_stage": stage, **{k: shown[k] for k in ("job", "plain", "torchrun")},
+                          **{k: median([r[k] for r in reps]) for k in RATIOS},
+                          "range": {k: [min(r[k] for r in reps), max(r[k] for r in reps)] for k in RATIOS},
+                          "repeats": [{k: r[k] for k in RATIOS} | {f"{side}_tokens_per_s": r[side]["tokens_per_s"]
+                                                                    for side in ("job", "plain", "torchrun")} for r in reps],
+                          "model_tflops": flops / 1e12,
+                          "mfu": _mfu(shown["plain"]["flops_per_token"], shown["job"]["tokens_per_s"], n) if c.train.use_gpu else None})
     result = {"benchmark": "train", "command": command, "machine": machine(), "model": cfg.model.name,
               "tasks": list(prepared), "steps": cfg.train.steps, "log_every": cfg.train.log_every,
-              "global_batch": global_batch, "total_cpus": total_cpus, "runs": sides}
+              "global_batch": global_batch, "total_cpus": total_cpus, "repeats": repeats, "runs": sides}
     return result, markdown(result)
+
+
+def _spread(row: dict, key: str) -> str:
+    """ ' (min–max)' of a ratio over the row's repeats; nothing for one run."""
+    low, high = row.get("range", {}).get(key, (None, None))
+    return f" ({low:.2f}–{high:.2f})" if len(row.get("repeats", ())) > 1 else ""
 
 
 def markdown(r: dict) -> str:
@@ -194,7 +217,10 @@ def markdown(r: dict) -> str:
         "`torchrun` with the same DeepSpeed engine, world size, batch, task sequence and rows but no Ray "
         "(pipeline/benchmarks/torchrun_side.py), and the plain single-process loop. job / torchrun is Ray's cost "
         "(Ray's own claim for Ray Train: within 2.5% of native, i.e. ≥ 0.975); torchrun / plain is DeepSpeed's and "
-        "data parallelism's; their product is job / plain.", "",
+        "data parallelism's; their product is job / plain." + (
+            f" Each row ran {r['repeats']} times back to back: the ratios are medians over the repeats, (min–max) "
+            "their range; tokens/s and the phase tables are the repeat with the median Ray share."
+            if r.get("repeats", 1) > 1 else " One run per row: a ratio's noise is at least the plain runs' range above."), "",
         "| workers | ZeRO | tokens/s | torchrun tokens/s | plain tokens/s | job / torchrun (Ray) | torchrun / plain "
         "(DeepSpeed + DP) | job / plain | model TFLOP/s | MFU | start-up + end s | data | forward | backward "
         "| step | other | comm (within backward + step) |",
@@ -206,10 +232,10 @@ def markdown(r: dict) -> str:
         startup = f"{j['startup_s']:.0f}" if j.get("startup_s") is not None else "—"
         mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a (CPU)"
         native = s.get("torchrun")
-        three = (f"{native['tokens_per_s']:,.0f} | {s['plain']['tokens_per_s']:,.0f} | **{s['ray_ratio']:.2f}×** | "
-                 f"{s['deepspeed_ratio']:.2f}× | " if native else f"— | {s['plain']['tokens_per_s']:,.0f} | — | — | ")
+        three = (f"{native['tokens_per_s']:,.0f} | {s['plain']['tokens_per_s']:,.0f} | **{s['ray_ratio']:.2f}×**{_spread(s, 'ray_ratio')} | "
+                 f"{s['deepspeed_ratio']:.2f}×{_spread(s, 'deepspeed_ratio')} | " if native else f"— | {s['plain']['tokens_per_s']:,.0f} | — | — | ")
         md.append(f"| {s['workers']} | {s['zero_stage']} | {j['tokens_per_s']:,.0f} | {three}"
-                  f"**{s['ratio']:.2f}×** | "
+                  f"**{s['ratio']:.2f}×**{_spread(s, 'ratio')} | "
                   f"{s['model_tflops']:.4f} | {mfu} | {startup} | {pct} |")
     md += ["", "Where the time goes, in wall-clock ms per 1,000 tokens of the global batch (rank 0's clock on the job "
            "side; the plain loop's optimizer step includes gradient clipping and zero_grad, as the job's does):", "",
