@@ -152,7 +152,10 @@ def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: f
     from pipeline.train.driver import rows_used
     from pipeline.train.mixing import normalise_weights, sampling_ratios
 
+    import ray
+
     init_ray()
+    nodes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]  # the job side's cluster
     prepared = prepare_tasks(cfg, log=lambda _: None)
     rows = rows_used(cfg, prepared)
     ratios = sampling_ratios(cfg.sampling.strategy, rows, {t: cfg.tasks[t].ratio for t in rows}, cfg.sampling.temperature)
@@ -191,8 +194,19 @@ def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: f
                           "mfu": _mfu(shown["plain"]["flops_per_token"], shown["job"]["tokens_per_s"], n) if c.train.use_gpu else None})
     result = {"benchmark": "train", "command": command, "machine": machine(), "model": cfg.model.name,
               "tasks": list(prepared), "steps": cfg.train.steps, "log_every": cfg.train.log_every,
-              "global_batch": global_batch, "total_cpus": total_cpus, "repeats": repeats, "runs": sides}
+              "global_batch": global_batch, "total_cpus": total_cpus, "repeats": repeats, "ray_nodes_cpus": nodes,
+              "placement": cfg.train.placement, "runs": sides}
     return result, markdown(result)
+
+
+def _cluster(r: dict) -> str:
+    """' The job side's Ray cluster: …' when it is not one node with the workers packed."""
+    nodes, placement = r.get("ray_nodes_cpus", []), r.get("placement", "PACK")
+    if len(nodes) <= 1 and placement == "PACK":
+        return ""
+    cpus = " + ".join(f"{c:g}" for c in nodes)
+    return (f" The job side's Ray cluster: {len(nodes)} node(s) ({cpus} CPUs; on one machine they share its cores), "
+            f"workers placed {placement}; the torchrun and plain sides run on the driver's machine as always.")
 
 
 def _spread(row: dict, key: str) -> str:
@@ -206,7 +220,7 @@ def markdown(r: dict) -> str:
     plains = [s["plain"]["tokens_per_s"] for s in r["runs"]]
     md = header("training throughput", r["command"], r["machine"]) + [
         f"Model `{r['model']}`, tasks {', '.join(r['tasks'])}; {r['steps']} steps, global batch {r['global_batch']}, "
-        f"{r['total_cpus']:g} cores on each side. Tokens/s: median of the {r['log_every']}-step windows after the first. "
+        f"{r['total_cpus']:g} cores on each side.{_cluster(r)} Tokens/s: median of the {r['log_every']}-step windows after the first. "
         f"The plain PyTorch loop (1 process, {plain['threads']} threads, same model/data/task order/batch/steps) runs "
         f"right before each job side and each ratio is to that run: {len(plains)} runs, median "
         f"**{median(plains):,.0f} tokens/s** (range {min(plains):,.0f}–{max(plains):,.0f}: the machine's noise).", "",
