@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from pipeline.train.rundir import BEST_MODEL, FINAL_MODEL, SPOOL, RunDir  # SPOOL: metrics the server never took
 
+MODEL_ARTIFACT_S = "end/model_artifact_s"  # the final model's upload to the run's artifacts, after the workers end
 SECRET_KEY = re.compile(r"(?i)(token|password|passwd|secret|api_?key|access_?key|credential)s?$")
 MAX_PENDING = 200_000  # metrics kept while the server is away
 
@@ -201,9 +202,10 @@ class TrainingRun:
             now = int(time.time() * 1000)
             _quietly(self.client.log_batch, self.run_id, [Metric(k, float(v), now, step) for k, v in metrics.items()])
 
-    def finish(self, run_dir: str, log) -> None:
+    def finish(self, run_dir: str, log, step: int | None = None) -> None:
         """Metrics a worker could not deliver, the final model, FINISHED. The training result is safe in
-        `run_dir` whatever happens here: if the server is away, say what did not reach it and how to send it."""
+        `run_dir` whatever happens here: if the server is away, say what did not reach it and how to send it.
+        `step`: log the model upload's seconds (`end/model_artifact_s`, a fixed cost of every run) at it."""
         if self.client is None:
             return
         from pipeline import storage
@@ -215,8 +217,11 @@ class TrainingRun:
                 log(f"sent {sent} metrics kept during a tracking outage")
             final = RunDir(run_dir).model(FINAL_MODEL)
             if storage.is_dir(final):
+                began = time.time()
                 with storage.local_copy(final) as folder:
                     client.log_artifacts(run_id, str(folder), "model")
+                if step is not None:
+                    client.log_metric(run_id, MODEL_ARTIFACT_S, time.time() - began, step=step)
             client.set_tag(run_id, "mtl.best_model", RunDir(run_dir).model(BEST_MODEL))
             client.set_terminated(run_id, status="FINISHED")
         except Exception as err:  # the server went away at the very end

@@ -280,11 +280,13 @@ def test_two_classification_tasks_and_xsum_all_learn(tmp_path, cache_dir, backbo
     startup = {k: _history(cfg, result.run_id, k) for k in run.data.metrics if k.startswith(("startup/", "end/"))}
     parts = {"startup/worker_process_s", "startup/imports_s", "startup/backend_s"}  # the worker group, split
     assert set(startup) == {"startup/driver_s", "startup/worker_group_s", "startup/tokenizer_s", "startup/engine_s",
-                            "startup/restore_s", "startup/data_and_eval_s", "end/after_last_checkpoint_s"} | parts, startup
+                            "startup/restore_s", "startup/data_and_eval_s", "end/after_last_checkpoint_s",
+                            "end/model_artifact_s"} | parts, startup
     from pipeline.train.loop import FIXED_COSTS, WORKER_GROUP_PARTS
     assert set(FIXED_COSTS) | set(WORKER_GROUP_PARTS) == set(startup)  # the benchmarks' lists name what runs log
     assert all(len(h) == 1 and h[0][1] >= 0 for h in startup.values()), startup
     assert startup["startup/engine_s"][0][0] == 0 and startup["end/after_last_checkpoint_s"][0][0] == 60
+    assert startup["end/model_artifact_s"][0][0] == 60  # the final model's upload, after the workers ended
     assert sum(startup[k][0][1] for k in parts) == pytest.approx(startup["startup/worker_group_s"][0][1], abs=1e-3)
     phases = sum(h[0][1] for k, h in startup.items() if k not in parts)
     assert phases < result.wall_seconds, (phases, result.wall_seconds)

@@ -316,6 +316,6 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     record = RunDir(run_dir).read_record()
     record["result"] = {"steps": steps, "best_score": best, "dev_metrics": dev_metrics, "task_steps": task_steps}
     RunDir(run_dir).write_record(record)
-    mlrun.finish(run_dir, log)
+    mlrun.finish(run_dir, log, step=steps)
     return TrainResult(run_name, run_dir, run_id, steps, best, dev_metrics, time.monotonic() - start, uri,
                        task_steps=task_steps)

@@ -35,7 +35,7 @@ from pipeline.train.memory import model_state_bytes, peak_rss_bytes
 from pipeline.runtime import keep_freed_memory, quiet_libraries
 from pipeline.train.mixing import Mixture, TaskSampler
 from pipeline.train.rundir import BEST_MODEL, CHECKPOINT_META, DS_TAG, FINAL_MODEL
-from pipeline.tracking import RunLogger
+from pipeline.tracking import MODEL_ARTIFACT_S, RunLogger
 from pipeline.train.weighting import make_weighting
 from pipeline.train.progress import send
 from pipeline.train.window import Profiler, Window
@@ -521,7 +521,7 @@ STARTUP_PHASES = ("tokenizer", "engine", "restore", "data_and_eval")
 WORKER_GROUP_PARTS = ("startup/worker_process_s", "startup/imports_s", "startup/backend_s")  # within worker_group
 # every fixed-cost metric a run logs, in order; the parts of the worker group are inside it, not beside it
 FIXED_COSTS = ("startup/driver_s", "startup/worker_group_s", *(f"startup/{p}_s" for p in STARTUP_PHASES),
-               "end/after_last_checkpoint_s")
+               "end/after_last_checkpoint_s", MODEL_ARTIFACT_S)
 
 
 def process_started() -> float:
