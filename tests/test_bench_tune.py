@@ -71,9 +71,9 @@ def test_score_correlation_at_every_report():
 
 def test_fixed_cost_summary_and_its_table():
     costs = [{"startup/worker_group_s": 10.0, "startup/engine_s": 5.0, "end/after_last_checkpoint_s": 5.0, "fixed_s": 20.0,
-              "run_s": 80.0},
+              "run_s": 80.0, "pauses_s": 12.0},
              {"startup/worker_group_s": 12.0, "startup/engine_s": 4.0, "end/after_last_checkpoint_s": 4.0, "fixed_s": 20.0,
-              "run_s": 40.0}]
+              "run_s": 40.0, "pauses_s": 8.0}]
     trials = [{**_trial(i, {5: 1.0}, 1.0), "costs": c} for i, c in enumerate(costs)] + [{**_trial(2, {}, 0.0), "costs": {}}]
     s = tune.fixed_cost_summary(trials)
     assert s["trials"] == 2  # the trial without a recorded run time is left out, not counted as zero
@@ -85,8 +85,9 @@ def test_fixed_cost_summary_and_its_table():
          "samples": 2, "steps_per_trial": 40, "report_every": 5, "grace_period": 5, "reduction_factor": 4, "full": side,
          "asha": side, "score_ratio": 1.0, "steps_ratio": 1.0, "fixed_costs": {"full": s, "asha": {}}}
     md = tune.markdown(r)
-    assert "| side | trials | worker group | engine | after last checkpoint | fixed | run | fixed share |" in md
-    assert "| full | 2 | 11.0 | 4.5 | 4.5 | 20.0 | 60.0 | 38% |" in md
+    assert ("| side | trials | worker group | engine | after last checkpoint | fixed | evaluations + checkpoints | "
+            "training steps | run | fixed share |") in md
+    assert "| full | 2 | 11.0 | 4.5 | 4.5 | 20.0 | 10.0 | 30.0 | 60.0 | 38% |" in md  # 60 - 20 - 10 s of steps
 
 
 def test_startup_times_split_the_worker_group():

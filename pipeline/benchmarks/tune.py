@@ -56,6 +56,8 @@ def fixed_costs(uri: str, run_id: str) -> dict[str, float]:
     costs.update({k: float(run.data.metrics[k]) for k in WORKER_GROUP_PARTS if k in run.data.metrics})
     if run.info.end_time and run.info.start_time:
         costs["run_s"] = (run.info.end_time - run.info.start_time) / 1000
+    from pipeline.tracking import metric_history
+    costs["pauses_s"] = sum(v for _, v in metric_history(uri, run_id, "time/paused"))  # evaluations and checkpoints
     return costs
 
 
@@ -229,12 +231,16 @@ def markdown(r: dict) -> str:
                "from the last checkpoint to the worker group's exit), beside the trial's run time (MLflow run start "
                "to end):", "",
                "| side | trials | " + " | ".join(cost_label(k) for k in names)
-               + " | fixed | run | fixed share |", "|---|---:|" + "---:|" * (len(names) + 3)]
+               + " | fixed | evaluations + checkpoints | training steps | run | fixed share |",
+               "|---|---:|" + "---:|" * (len(names) + 5)]
         for side, c in costs.items():
             if c:
+                pauses = c.get("pauses_s", 0.0)
                 md.append(f"| {side} | {c['trials']} | " + " | ".join(f"{c.get(k, 0.0):.1f}" for k in names)
-                          + f" | {c['fixed_s']:.1f} | {c['run_s']:.1f} | {100 * c['share']:.0f}% |")
-        md.append("")
+                          + f" | {c['fixed_s']:.1f} | {pauses:.1f} | {c['run_s'] - c['fixed_s'] - pauses:.1f} "
+                          f"| {c['run_s']:.1f} | {100 * c['share']:.0f}% |")
+        md += ["", "Evaluations + checkpoints: the pauses in training for the dev evaluation, the Tune report and the "
+               "checkpoint at every report (the trials' `time/paused`); training steps: the rest of the run.", ""]
         parts = [k for k in WORKER_GROUP_PARTS if any(k in c for c in costs.values())]
         if parts:
             md += ["The worker group's share, split: " + "; ".join(
