@@ -287,6 +287,9 @@ def test_two_classification_tasks_and_xsum_all_learn(tmp_path, cache_dir, backbo
     assert all(len(h) == 1 and h[0][1] >= 0 for h in startup.values()), startup
     assert startup["startup/engine_s"][0][0] == 0 and startup["end/after_last_checkpoint_s"][0][0] == 60
     assert startup["end/model_artifact_s"][0][0] == 60  # the final model's upload, after the workers ended
+    # evaluations and checkpoints (two of each) in all: more than nothing, less than the run
+    assert _history(cfg, result.run_id, "time/paused_total_s")[0][0] == 60
+    assert 0 < run.data.metrics["time/paused_total_s"] < result.wall_seconds
     assert sum(startup[k][0][1] for k in parts) == pytest.approx(startup["startup/worker_group_s"][0][1], abs=1e-3)
     phases = sum(h[0][1] for k, h in startup.items() if k not in parts)
     assert phases < result.wall_seconds, (phases, result.wall_seconds)

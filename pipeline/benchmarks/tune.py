@@ -49,15 +49,15 @@ def fixed_costs(uri: str, run_id: str) -> dict[str, float]:
     and checkpoints."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.loop import FIXED_COSTS, WORKER_GROUP_PARTS
+    from pipeline.train.loop import FIXED_COSTS, PAUSED_S, WORKER_GROUP_PARTS
     run = MlflowClient(uri).get_run(run_id)
     costs = {k: float(run.data.metrics[k]) for k in FIXED_COSTS if k in run.data.metrics}
     costs["fixed_s"] = sum(costs.values())
     costs.update({k: float(run.data.metrics[k]) for k in WORKER_GROUP_PARTS if k in run.data.metrics})
     if run.info.end_time and run.info.start_time:
         costs["run_s"] = (run.info.end_time - run.info.start_time) / 1000
-    from pipeline.tracking import metric_history
-    costs["pauses_s"] = sum(v for _, v in metric_history(uri, run_id, "time/paused"))  # evaluations and checkpoints
+    if PAUSED_S in run.data.metrics:  # evaluations and checkpoints
+        costs["pauses_s"] = float(run.data.metrics[PAUSED_S])
     return costs
 
 
@@ -240,7 +240,7 @@ def markdown(r: dict) -> str:
                           + f" | {c['fixed_s']:.1f} | {pauses:.1f} | {c['run_s'] - c['fixed_s'] - pauses:.1f} "
                           f"| {c['run_s']:.1f} | {100 * c['share']:.0f}% |")
         md += ["", "Evaluations + checkpoints: the pauses in training for the dev evaluation, the Tune report and the "
-               "checkpoint at every report (the trials' `time/paused`); training steps: the rest of the run.", ""]
+               "checkpoint at every report (the trials' `time/paused_total_s`); training steps: the rest of the run.", ""]
         parts = [k for k in WORKER_GROUP_PARTS if any(k in c for c in costs.values())]
         if parts:
             md += ["The worker group's share, split: " + "; ".join(

@@ -444,6 +444,7 @@ class Worker:
         self.deadline = time.monotonic() + 60 * train.max_minutes if train.max_minutes else None
         self.memory: dict[str, float] = {}  # what this rank holds (params, grads, optimizer), counted once
         self.window = Window(list(job.tasks), self.profiler)  # the log interval's losses and timings
+        self.paused_s = 0.0  # training paused for evaluations and checkpoints, in the windows already closed
         stamps.append(time.time())
         if self.tracker is not None:  # where a run's fixed start-up cost goes (rank 0's clock)
             self.tracker.log_metrics(startup_times(job.fit_started, stamps, process_started()), self.state.step)
@@ -479,6 +480,7 @@ class Worker:
     def log(self) -> dict[str, float]:
         """The interval's training metrics (collective); rank 0 sends them to the progress view. Starts a new interval."""
         metrics = self.window.metrics(self.weighting, self.sampler, self.optimizer.param_groups[0]["lr"])
+        self.paused_s += self.window.paused
         self.window = Window(list(self.job.tasks), self.profiler)
         if self.rank == 0:
             hidden = ("steps/", "weight/") if self.weighting.method == "static" else ("steps/",)
@@ -509,6 +511,8 @@ class Worker:
         copy is checked against them)."""
         from pipeline.train.artifacts import publish_model
         log_memory(self.model, self.memory, self.world, self.tracker, self.state.step)
+        if self.tracker is not None:  # this attempt's evaluations and checkpoints, end to end (rank 0's clock)
+            self.tracker.log_metrics({PAUSED_S: self.paused_s + self.window.paused}, self.state.step)
         publish_model(self.engine, self.model, self.tokenizer, self.job.run_dir, FINAL_MODEL, self.rank,
                       {"step": self.state.step, "run_id": self.state.run_id, **self.job.meta},
                       files={"dev_predictions.json": {t: {"predictions": p, "references": r}
@@ -517,6 +521,7 @@ class Worker:
             self.tracker.flush_or_spool()
 
 
+PAUSED_S = "time/paused_total_s"  # a run's evaluations and checkpoints in all (this attempt), at its last step
 STARTUP_PHASES = ("tokenizer", "engine", "restore", "data_and_eval")
 WORKER_GROUP_PARTS = ("startup/worker_process_s", "startup/imports_s", "startup/backend_s")  # within worker_group
 # every fixed-cost metric a run logs, in order; the parts of the worker group are inside it, not beside it
