@@ -91,7 +91,8 @@ def _wait_for_checkpoint(runs: Path, step: int, timeout: float = 300) -> int:
     raise AssertionError(f"checkpoint {step} never registered under {runs}")
 
 
-def _restart_point(steps: list[int], registered: int, last_before_fault: int, total: int) -> int:
+def _restart_point(steps: list[int], registered: int, last_before_fault: int, total: int,
+                   every: int = CHECKPOINT_EVERY) -> int:
     """The checkpoint the run restarted from, checked against the series: each step logged at least once,
     at most twice; the steps logged twice are exactly the ones after a checkpoint (at or after the one
     registered when the fault came) and no later than the last step logged before the fault — the work
@@ -102,7 +103,7 @@ def _restart_point(steps: list[int], registered: int, last_before_fault: int, to
     assert max(counts.values()) <= 2, counts
     repeated = sorted(s for s, c in counts.items() if c > 1)
     restart = repeated[0] - 1 if repeated else last_before_fault
-    assert restart >= registered and restart % CHECKPOINT_EVERY == 0, (restart, registered, repeated)
+    assert restart >= registered and restart % every == 0, (restart, registered, repeated)
     assert repeated == list(range(restart + 1, restart + 1 + len(repeated))), repeated  # contiguous
     assert not repeated or repeated[-1] <= last_before_fault, (repeated, last_before_fault)
     return restart

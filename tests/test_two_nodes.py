@@ -2,7 +2,7 @@
 1 CPU each), one training worker per node (train.placement=STRICT_SPREAD), the run's storage shared. The
 second node is SIGKILLed mid-run (`cluster/local/node.sh kill`): Ray Train's restart waits for two nodes, a
 third node joins (`node.sh add`), and the run continues from its last registered checkpoint in the same
-MLflow run — nothing lost beyond one checkpoint interval. Slow tier (about 4 minutes); isolated like
+MLflow run — nothing lost beyond the newest checkpoint Ray Train had registered when the node died. Slow tier (about 4 minutes); isolated like
 tests/test_cluster_local.py (collected last, its own ports, temp dirs and MTL_HOME)."""
 
 from __future__ import annotations
@@ -90,8 +90,12 @@ def test_a_lost_node_is_replaced_and_the_run_continues_from_its_checkpoint(two_n
     assert f"Job '{submission}' succeeded" in status.stdout, logs[-4000:]
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"  # the same MLflow run, continued
     steps = [s for s, _ in history()]
-    restart = _restart_point(steps, registered, last_before, STEPS)
+    restart = _restart_point(steps, registered, last_before, STEPS, CHECKPOINT_EVERY)
     redone = sorted(s for s in set(steps) if steps.count(s) > 1)
-    assert len(redone) <= CHECKPOINT_EVERY, redone  # nothing lost beyond one checkpoint interval
+    # nothing lost beyond the newest checkpoint Ray Train had registered when the node died: the run restarts
+    # from it (or a newer one) and redoes only the steps after it. A checkpoint being written at that moment
+    # (it needs both ranks' shards) is not one, so the loss can exceed one interval by the steps taken while
+    # Ray Train registered the last one (its controller polls every 2 s).
+    assert restart >= registered and len(redone) <= last_before - registered, (restart, registered, last_before, redone)
     print(f"\nnode killed after step {last_before} (checkpoint {registered} registered): restarted from step "
           f"{restart} when a node joined, redid {len(redone)} steps, finished {STEPS}")

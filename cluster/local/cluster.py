@@ -254,8 +254,11 @@ def add_node(s: Settings) -> None:
     if not ray_up(s):
         sys.exit(f"error: no cluster head is running on {s.host}:{s.ray_port} — fix: cluster/local/start.sh first")
     before = len(raylets(s)[1])
+    # Its own temp dir (named after the head's, so ray_processes finds it): nodes sharing one would unpack each
+    # job's working_dir into the same runtime_resources folder, replacing the files under a running driver.
+    temp = f"{s.ray_temp}-n{int(time.time() * 10) % 1_000_000}"
     cmd = [tool("ray"), "start", "--address", f"{s.host}:{s.ray_port}", "--node-ip-address", s.host,
-           "--temp-dir", str(s.ray_temp), "--num-cpus", s.node_cpus, "--disable-usage-stats",
+           "--temp-dir", temp, "--num-cpus", s.node_cpus, "--disable-usage-stats",
            "--dashboard-agent-listen-port", str(agent_port()), *s.extra_args]
     log = s.logs / "ray-node.log"
     with open(log, "a") as fh:
