@@ -188,7 +188,7 @@ class TrainingRun:
             dataset = MetaDataset(source, name=name, digest=task.manifest["key"])
             inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "train")]))
         client.log_batch(run_id, tags=tags)
-        client.log_inputs(run_id, datasets=inputs)
+        log_inputs(client, run_id, inputs)
         if config_path:
             client.log_artifact(run_id, config_path, "config")
         client.log_text(run_id, json.dumps(redact(config_to_dict(cfg)), indent=2), "config/resolved_config.json")
@@ -234,6 +234,21 @@ class TrainingRun:
         if self.client is not None:
             _quietly(self.client.set_tag, self.run_id, "mtl.failure", line[:5000])
             _quietly(self.client.set_terminated, self.run_id, status)
+
+
+def log_inputs(client, run_id: str, inputs: list, attempts: int = 3) -> None:
+    """`client.log_inputs`, retried when a concurrent run registered the same dataset first: MLflow's SQL
+    store looks the dataset up, then inserts it, so two Tune trials of one experiment starting together can
+    both insert it and one fails on the table's unique key (measured in CI: a trial lost to it). The retry
+    finds the dataset the other run inserted and links it."""
+    from mlflow.exceptions import MlflowException
+    for attempt in range(attempts):
+        try:
+            return client.log_inputs(run_id, datasets=inputs)
+        except MlflowException as err:
+            if "UNIQUE constraint" not in str(err) and "Duplicate entry" not in str(err) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def read_run_text(uri: str, run_id: str, path: str) -> str | None:
