@@ -59,8 +59,9 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
     """Keep freed memory in the process instead of handing it back to the OS (glibc's malloc only; a no-op
     elsewhere and with $MTL_KEEP_FREED_MEMORY=0). By default glibc serves large blocks (activations, gradient
     buckets: megabytes each) with a fresh mmap and unmaps them when freed, so every step faults in and zeroes
-    the same memory again: measured on MiniLM, 58-78k page faults per second in the DeepSpeed processes
-    (8% of the CPU in the kernel) against 13k in a plain PyTorch loop. With the mmap threshold at glibc's
+    the same memory again: measured on MiniLM (tests/bench/results/train_cpu_sampling.md), about 76k page faults
+    per second in the DeepSpeed processes, job and torchrun alike (9% of a core in the kernel), against 24k in a
+    plain PyTorch loop. With the mmap threshold at glibc's
     maximum (32 MiB) and the heap trimmed only beyond `limit` bytes, the blocks are reused. Memory held stays
     at the step's peak, which training reaches every step anyway. Returns whether it was applied."""
     import ctypes
@@ -69,10 +70,10 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        gnu = libc.gnu_get_libc_version  # glibc only (musl has no mallopt tunables)
-    except (OSError, AttributeError):
+    except OSError:
         return False
-    del gnu
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only (musl has no such tunables)
+        return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, limit))
 

@@ -246,7 +246,8 @@ def log_inputs(client, run_id: str, inputs: list, attempts: int = 3) -> None:
         try:
             return client.log_inputs(run_id, datasets=inputs)
         except MlflowException as err:
-            if "UNIQUE constraint" not in str(err) and "Duplicate entry" not in str(err) or attempt == attempts - 1:
+            race = "UNIQUE constraint" in str(err) or "Duplicate entry" in str(err)
+            if not race or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
 

@@ -235,10 +235,10 @@ def markdown(r: dict) -> str:
                "|---|---:|" + "---:|" * (len(names) + 5)]
         for side, c in costs.items():
             if c:
-                pauses = c.get("pauses_s", 0.0)
+                split = (f"{c['pauses_s']:.1f} | {c['run_s'] - c['fixed_s'] - c['pauses_s']:.1f}" if "pauses_s" in c
+                         else "— | —")  # trials from before time/paused_total_s was logged
                 md.append(f"| {side} | {c['trials']} | " + " | ".join(f"{c.get(k, 0.0):.1f}" for k in names)
-                          + f" | {c['fixed_s']:.1f} | {pauses:.1f} | {c['run_s'] - c['fixed_s'] - pauses:.1f} "
-                          f"| {c['run_s']:.1f} | {100 * c['share']:.0f}% |")
+                          + f" | {c['fixed_s']:.1f} | {split} | {c['run_s']:.1f} | {100 * c['share']:.0f}% |")
         md += ["", "Evaluations + checkpoints: the pauses in training for the dev evaluation, the Tune report and the "
                "checkpoint at every report (the trials' `time/paused_total_s`); training steps: the rest of the run.", ""]
         parts = [k for k in WORKER_GROUP_PARTS if any(k in c for c in costs.values())]
