@@ -11,6 +11,8 @@ on a number.
     memory      per-rank model-state bytes (parameters, gradients, optimizer) and peak RSS for ZeRO 0-3
                 and optimizer offload, 2 workers, SmolLM2-135M, next to the ZeRO paper's formulas
     tune        ASHA vs every configuration at the full budget: best score and total steps
+    tune-cost   what a Tune trial costs besides its training steps (start-up, evaluations, checkpoints, end, the
+                time between trials), a checkpoint at every report vs the spec's checkpoint_every, side by side
     generate    summarization generation tokens/s: greedy and beam, batched, with and without KV cache
     train-data  the training job's per-task hand-over to Ray Train: in-driver pyarrow + from_arrow for small
                 splits vs a Ray Data sort (--config, default jobs/configs/default.yaml)
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__, command=NAMES)
     parser.set_defaults(config=None)
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, help="repetitions per side: preprocess, generate, train-data (default 3), "
+    parser.add_argument("--repeats", type=int, help="repetitions per side: preprocess, generate, train-data (default 3), tune-cost (default 1), "
                         "train (default 1: each row's three sides, back to back, that many times; the ratios are the "
                         "median over repeats, with their range)")
     parser.add_argument("--glue-dir", type=Path, help="preprocess: the GLUE folder holding SST-2/train.tsv")

@@ -13,6 +13,7 @@ A tune spec (YAML, strict like the training config) names a training config and 
     scheduler: asha                     # asha | fifo
     asha: {grace_period: 40, reduction_factor: 2}   # in optimizer steps
     report_every: 20                    # steps between dev evaluations = Tune reports
+    checkpoint_every: 60                # steps between a trial's checkpoints (unset: every report)
     space:
       weights: {low: 0.25, high: 4, log: true}      # per task; normalised to sum to the number of tasks
       sampling:
@@ -144,7 +145,12 @@ class TuneSpec(Strict):
     """ASHA stops weak trials early on the dev multi-task score; fifo runs every trial to the end."""
     asha: AshaSpec = AshaSpec()
     report_every: int = Field(20, ge=1)
-    """Steps between dev evaluations (each one a Tune report and a checkpoint)."""
+    """Steps between dev evaluations (each one a Tune report)."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Steps between a trial's checkpoints, a multiple of report_every (the last step is always checkpointed);
+    unset: at every report. A checkpoint holds the model and optimizer states: what a failed trial or a
+    restored experiment continues from, and several times an evaluation's cost on small models (see
+    docs/performance.md); fewer of them make every trial cheaper, and a failure redoes more steps."""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """Trials at once (default: as many as the cluster's CPUs/GPUs hold, see docs/guide.md)."""
     space: Space = Space()
@@ -192,6 +198,10 @@ def _check(spec: TuneSpec, base: Config) -> None:
     if spec.report_every > steps:
         problems.append(Problem("report_every", f"{spec.report_every} is more than train.steps ({steps})",
                                 "report at most every train.steps steps"))
+    if spec.checkpoint_every is not None and spec.checkpoint_every % spec.report_every:
+        problems.append(Problem("checkpoint_every", f"{spec.checkpoint_every} is not a multiple of report_every "
+                                f"({spec.report_every}): a checkpoint comes with an evaluation",
+                                f"use a multiple of {spec.report_every}, e.g. {spec.report_every * max(1, round(spec.checkpoint_every / spec.report_every))}"))
     if spec.scheduler == "asha" and spec.asha.grace_period >= steps:
         problems.append(Problem("asha.grace_period", f"{spec.asha.grace_period} steps is not below train.steps ({steps})",
                                 "use a grace period shorter than the training run, or scheduler: fifo"))
@@ -307,7 +317,8 @@ def trial_config(base: Config | dict, params: dict[str, Any], spec: TuneSpec) ->
     for key, value in params.items():
         if key.startswith("train."):
             raw["train"][key.split(".", 1)[1]] = value
-    raw["train"]["eval_every"] = raw["train"]["checkpoint_every"] = spec.report_every
+    raw["train"]["eval_every"] = spec.report_every
+    raw["train"]["checkpoint_every"] = spec.checkpoint_every or spec.report_every
     raw["tracking"]["experiment"] = spec.name  # children live in the parent's experiment
     try:
         return Config.model_validate(raw)

@@ -71,9 +71,9 @@ def test_score_correlation_at_every_report():
 
 def test_fixed_cost_summary_and_its_table():
     costs = [{"startup/worker_group_s": 10.0, "startup/engine_s": 5.0, "end/after_last_checkpoint_s": 5.0, "fixed_s": 20.0,
-              "run_s": 80.0, "pauses_s": 12.0},
+              "run_s": 80.0, "pauses_s": 12.0, "checkpoints_s": 7.0},
              {"startup/worker_group_s": 12.0, "startup/engine_s": 4.0, "end/after_last_checkpoint_s": 4.0, "fixed_s": 20.0,
-              "run_s": 40.0, "pauses_s": 8.0}]
+              "run_s": 40.0, "pauses_s": 8.0, "checkpoints_s": 3.0}]
     trials = [{**_trial(i, {5: 1.0}, 1.0), "costs": c} for i, c in enumerate(costs)] + [{**_trial(2, {}, 0.0), "costs": {}}]
     s = tune.fixed_cost_summary(trials)
     assert s["trials"] == 2  # the trial without a recorded run time is left out, not counted as zero
@@ -85,9 +85,36 @@ def test_fixed_cost_summary_and_its_table():
          "samples": 2, "steps_per_trial": 40, "report_every": 5, "grace_period": 5, "reduction_factor": 4, "full": side,
          "asha": side, "score_ratio": 1.0, "steps_ratio": 1.0, "fixed_costs": {"full": s, "asha": {}}}
     md = tune.markdown(r)
-    assert ("| side | trials | worker group | engine | after last checkpoint | fixed | evaluations + checkpoints | "
+    assert ("| side | trials | worker group | engine | after last checkpoint | fixed | evaluations | checkpoints | "
             "training steps | run | fixed share |") in md
-    assert "| full | 2 | 11.0 | 4.5 | 4.5 | 20.0 | 10.0 | 30.0 | 60.0 | 38% |" in md  # 60 - 20 - 10 s of steps
+    # pauses 10 s of which checkpoints 5 s; 60 - 20 - 10 s of steps
+    assert "| full | 2 | 11.0 | 4.5 | 4.5 | 20.0 | 5.0 | 5.0 | 30.0 | 60.0 | 38% |" in md
+
+
+def test_tune_cost_compares_the_sides_per_trial():
+    def run(fixed, pauses, ckpt, seconds):  # one side's Tune job: two trials of 100 s each
+        trials = [{**_trial(i, {5: 1.0}, 1.0), "costs": {"startup/worker_group_s": fixed, "fixed_s": fixed, "run_s": 100.0,
+                                                          "pauses_s": pauses, "checkpoints_s": ckpt}} for i in range(2)]
+        return {"seconds": seconds, "trials": trials, "between_trials_s": (seconds - 200.0) / 2}
+    sides = {}
+    for name, r in (("a checkpoint at every report", run(30.0, 40.0, 30.0, 220.0)),
+                    ("the spec's checkpoint_every", run(30.0, 14.0, 4.0, 180.0))):
+        # the second side is shorter per run: rescale its run time so the arithmetic is visible
+        for t in r["trials"]:
+            t["costs"]["run_s"] = 100.0 if name.startswith("a ") else 80.0
+        r["between_trials_s"] = (r["seconds"] - sum(t["costs"]["run_s"] for t in r["trials"])) / 2
+        sides[name] = {"overrides": tune.COST_SIDES[name], "runs": [r], "costs": tune.fixed_cost_summary(r["trials"]),
+                       "between_trials_s": r["between_trials_s"], "trial_wall_s": r["seconds"] / 2}
+    result = {"command": "c", "machine": {"cpus": 2, "cpu": "x", "memory_gb": 1, "python": "3", "torch": "2"},
+              "spec": "s.yaml", "samples": 2, "steps_per_trial": 60, "report_every": 15, "repeats": 1, "sides": sides}
+    md = tune.cost_markdown(result)
+    assert "**a checkpoint at every report** (checkpoint_every=15)" in md
+    assert "| a checkpoint at every report | 2 | 30.0 | 30.0 | 10.0 | 30.0 | 30.0 | 100.0 | 30% |" in md
+    assert "| the spec's checkpoint_every | 2 | 30.0 | 30.0 | 10.0 | 4.0 | 36.0 | 80.0 | 38% |" in md
+    # Tune's wall time per trial, the time between trials (wall minus runs), the steps' share of the wall time
+    assert "| a checkpoint at every report | 110.0 | 10.0 | 27% |" in md
+    assert "| the spec's checkpoint_every | 90.0 | 10.0 | 40% |" in md
+    assert "Per trial: 110.0 s → 90.0 s (-18%)." in md
 
 
 def test_startup_times_split_the_worker_group():

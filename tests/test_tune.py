@@ -66,6 +66,9 @@ def test_trial_config_normalises_weights_and_ratios(tmp_path, cache_dir):
     assert {t: c.weight for t, c in cfg.tasks.items()} == {"rotten_tomatoes": 1.5, "bbc_news": 0.5}  # sum = 2 tasks
     assert {t: c.ratio for t, c in cfg.tasks.items()} == {"rotten_tomatoes": 0.25, "bbc_news": 0.75}  # sum = 1
     assert cfg.train.eval_every == cfg.train.checkpoint_every == 10 and cfg.tracking.experiment == "tt-tune"
+    spaced, _ = load_tune_spec(tmp_path / "tune.yaml", ["checkpoint_every=30"])  # checkpoints apart from reports
+    spaced_cfg = trial_config(base, params, spaced)
+    assert (spaced_cfg.train.eval_every, spaced_cfg.train.checkpoint_every) == (10, 30)
     # A temperature trial ignores the sampled ratios (a config with both would be rejected).
     cfg = trial_config(base, {**params, "sampling.strategy": "temperature"}, spec)
     assert cfg.sampling.temperature == 5.0 and all(c.ratio is None for c in cfg.tasks.values())
@@ -114,6 +117,10 @@ def test_bad_specs_name_the_key_and_the_fix(tmp_path, cache_dir):
     assert any(l.startswith("asha.grace_period:") and "not below train.steps (30)" in l for l in lines), lines
     assert any(l.startswith("space.weights: is a range") for l in lines), lines
     with pytest.raises(PipelineError) as err:
+        load_tune_spec(path, ["checkpoint_every=15"])  # report_every is 10
+    (line,) = [str(p) for p in err.value.problems]
+    assert line.startswith("checkpoint_every: 15 is not a multiple of report_every (10)") and "e.g. 20" in line, line
+    with pytest.raises(PipelineError) as err:
         load_tune_spec(path, ["train.steps=-1"])
     assert str(err.value.problems[0]).startswith("train.steps:")
 
@@ -130,7 +137,7 @@ def test_two_trial_experiment_tracks_parent_and_children_and_writes_the_best_con
     """The default tier's real Tune run (the killed-and-resumed ASHA experiment below is the slow tier's):
     2 trials of 10 steps, FIFO, through the job: trials.json, best_config.yaml, an MLflow parent with two
     nested children carrying their normalised weights and ratios, the best model registered as challenger."""
-    path = _write_spec(tmp_path, cache_dir, num_samples=2, scheduler="fifo", report_every=5)
+    path = _write_spec(tmp_path, cache_dir, num_samples=2, scheduler="fifo", report_every=5, checkpoint_every=10)
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(path), "--out", str(out), "train.steps=10"]
@@ -152,9 +159,13 @@ def test_two_trial_experiment_tracks_parent_and_children_and_writes_the_best_con
     assert client.get_model_version_by_alias("tt-model", "challenger").tags["run_name"] == best["run_name"]
 
     # TensorBoard: every trial's folder holds event files with its dev score, per-task metrics and weights at
-    # each report (steps 5 and 10), the dev scores those of its MLflow run
+    # each report (steps 5 and 10), the dev scores those of its MLflow run; the report at step 5 came without a
+    # checkpoint (checkpoint_every=10): each trial's only checkpoint is its last step's, timed on its run
     by_name = {c.data.tags["mtl.run_name"]: c for c in children}
     for t in trials:
+        assert [p.name for p in (tmp_path / "runs" / t["run_name"]).glob("step_*")] == ["step_0000010"]
+        timed = by_name[t["run_name"]].data.metrics
+        assert 0 < timed["time/checkpoint_total_s"] < timed["time/paused_total_s"]
         (events,) = (tmp_path / "runs" / "tt-tune" / t["run_name"]).glob("events.out.tfevents.*")
         points = _tensorboard_scalars(events)
         assert {"ray/tune/dev/score", "ray/tune/dev/rotten_tomatoes/accuracy", "ray/tune/weight/bbc_news"} <= set(points)

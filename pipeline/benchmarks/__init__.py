@@ -16,8 +16,8 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parents[2] / "tests" / "bench" / "results"
 
 
-NAMES = ["preprocess", "train", "memory", "tune", "generate", "train-data", "gpu-plan", "lora"]
-ORDER = ["preprocess", "train_data", "train", "memory_bf16", "memory_fp32", "lora", "tune", "generate", "gpu_plan"]
+NAMES = ["preprocess", "train", "memory", "tune", "tune-cost", "generate", "train-data", "gpu-plan", "lora"]
+ORDER = ["preprocess", "train_data", "train", "memory_bf16", "memory_fp32", "lora", "tune", "tune_cost", "generate", "gpu_plan"]
 
 
 def run_benchmark(name: str, command: str, *, config: str | None = None, overrides: list[str] = (),
@@ -45,6 +45,9 @@ def run_benchmark(name: str, command: str, *, config: str | None = None, overrid
     elif name == "tune":
         from pipeline.benchmarks import tune
         result, md = tune.run(command, extra=list(overrides))
+    elif name == "tune_cost":
+        from pipeline.benchmarks import tune
+        result, md = tune.run_cost(command, repeats=repeats or 1, extra=list(overrides))
     elif name == "generate":
         from pipeline.benchmarks import generate
         result, md = generate.run(command, repeats=repeats or 3)

@@ -49,7 +49,7 @@ def fixed_costs(uri: str, run_id: str) -> dict[str, float]:
     and checkpoints."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.loop import FIXED_COSTS, PAUSED_S, WORKER_GROUP_PARTS
+    from pipeline.train.loop import CHECKPOINTS_S, FIXED_COSTS, PAUSED_S, WORKER_GROUP_PARTS
     run = MlflowClient(uri).get_run(run_id)
     costs = {k: float(run.data.metrics[k]) for k in FIXED_COSTS if k in run.data.metrics}
     costs["fixed_s"] = sum(costs.values())
@@ -58,6 +58,8 @@ def fixed_costs(uri: str, run_id: str) -> dict[str, float]:
         costs["run_s"] = (run.info.end_time - run.info.start_time) / 1000
     if PAUSED_S in run.data.metrics:  # evaluations and checkpoints
         costs["pauses_s"] = float(run.data.metrics[PAUSED_S])
+    if CHECKPOINTS_S in run.data.metrics:  # of which checkpoints
+        costs["checkpoints_s"] = float(run.data.metrics[CHECKPOINTS_S])
     return costs
 
 
@@ -72,6 +74,41 @@ def fixed_cost_summary(trials: list[dict]) -> dict[str, float]:
     out["share"] = sum(r["fixed_s"] / r["run_s"] for r in rows) / len(rows)
     out["trials"] = len(rows)
     return out
+
+
+def cost_table(costs: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown: per side, each fixed-cost phase, the fixed cost, the pauses (evaluations, checkpoints), the
+    training steps, the run time and the fixed share; then the worker group's parts."""
+    from pipeline.train.loop import FIXED_COSTS, WORKER_GROUP_PARTS
+    names = [k for k in FIXED_COSTS if any(k in c for c in costs.values())]
+    md = ["Each trial's fixed cost (means per trial, seconds, from the trials' MLflow runs: the driver's set-up, "
+          "Ray Train's worker group up to each worker's set-up, then the workers' set-up phases, and the end "
+          "from the last checkpoint to the worker group's exit), beside the trial's run time (MLflow run start "
+          "to end):", "",
+          "| side | trials | " + " | ".join(cost_label(k) for k in names)
+          + " | fixed | evaluations | checkpoints | training steps | run | fixed share |",
+          "|---|---:|" + "---:|" * (len(names) + 6)]
+    for side, c in costs.items():
+        if not c:
+            continue
+        if "pauses_s" not in c:  # trials from before time/paused_total_s was logged
+            split = "— | — | —"
+        else:
+            ckpt = c.get("checkpoints_s")
+            evals = c["pauses_s"] - (ckpt or 0.0)
+            split = (f"{evals:.1f} | {ckpt:.1f}" if ckpt is not None else f"{evals:.1f} (with checkpoints) | —") + \
+                f" | {c['run_s'] - c['fixed_s'] - c['pauses_s']:.1f}"
+        md.append(f"| {side} | {c['trials']} | " + " | ".join(f"{c.get(k, 0.0):.1f}" for k in names)
+                  + f" | {c['fixed_s']:.1f} | {split} | {c['run_s']:.1f} | {100 * c['share']:.0f}% |")
+    md += ["", "Evaluations: the pauses in training for the dev evaluation and the Tune report; checkpoints: saving "
+           "and persisting each checkpoint (`time/checkpoint_total_s`; the two together are the trials' "
+           "`time/paused_total_s`); training steps: the rest of the run.", ""]
+    parts = [k for k in WORKER_GROUP_PARTS if any(k in c for c in costs.values())]
+    if parts:
+        md += ["The worker group's share, split: " + "; ".join(
+            f"{side}: " + ", ".join(f"{cost_label(k)} {c.get(k, 0.0):.1f} s" for k in parts)
+            for side, c in costs.items() if c) + f" ({WORKER_GROUP_TEXT}).", ""]
+    return md
 
 
 def _scores(uri: str, parent_run_id: str) -> dict[str, dict[int, float]]:
@@ -224,28 +261,7 @@ def markdown(r: dict) -> str:
         "of the steps.", ""]
     costs = r.get("fixed_costs", {})
     if any(costs.values()):
-        from pipeline.train.loop import FIXED_COSTS, WORKER_GROUP_PARTS
-        names = [k for k in FIXED_COSTS if any(k in c for c in costs.values())]
-        md += ["Each trial's fixed cost (means per trial, seconds, from the trials' MLflow runs: the driver's set-up, "
-               "Ray Train's worker group up to each worker's set-up, then the workers' set-up phases, and the end "
-               "from the last checkpoint to the worker group's exit), beside the trial's run time (MLflow run start "
-               "to end):", "",
-               "| side | trials | " + " | ".join(cost_label(k) for k in names)
-               + " | fixed | evaluations + checkpoints | training steps | run | fixed share |",
-               "|---|---:|" + "---:|" * (len(names) + 5)]
-        for side, c in costs.items():
-            if c:
-                split = (f"{c['pauses_s']:.1f} | {c['run_s'] - c['fixed_s'] - c['pauses_s']:.1f}" if "pauses_s" in c
-                         else "— | —")  # trials from before time/paused_total_s was logged
-                md.append(f"| {side} | {c['trials']} | " + " | ".join(f"{c.get(k, 0.0):.1f}" for k in names)
-                          + f" | {c['fixed_s']:.1f} | {split} | {c['run_s']:.1f} | {100 * c['share']:.0f}% |")
-        md += ["", "Evaluations + checkpoints: the pauses in training for the dev evaluation, the Tune report and the "
-               "checkpoint at every report (the trials' `time/paused_total_s`); training steps: the rest of the run.", ""]
-        parts = [k for k in WORKER_GROUP_PARTS if any(k in c for c in costs.values())]
-        if parts:
-            md += ["The worker group's share, split: " + "; ".join(
-                f"{side}: " + ", ".join(f"{cost_label(k)} {c.get(k, 0.0):.1f} s" for k in parts)
-                for side, c in costs.items() if c) + f" ({WORKER_GROUP_TEXT}).", ""]
+        md += cost_table(costs)
     if r.get("rung_correlation"):
         md += ["How well the score at an ASHA rung predicts a configuration's full-budget best (Spearman rank "
                "correlation over the full side's trials): " + ", ".join(
@@ -280,5 +296,63 @@ def markdown(r: dict) -> str:
         md.append(f"| {t['trial'].rsplit('_', 1)[-1]}{' (equal)' if t['baseline'] else ''} | {w} | {at}{t['steps']}, "
                   f"{t['best_score']:.2f} | {other.get('status', '—')}, {other.get('steps', '—')}, "
                   f"{other.get('best_score', float('nan')):.2f} |")
+    md.append("")
+    return "\n".join(md)
+
+
+# `benchmark tune-cost`: what a trial costs besides its training steps, before and after a change, side by side in
+# one run: each side is the same Tune job (every trial to the full budget, no scheduler), only the overrides differ.
+COST_SIDES = {"a checkpoint at every report": ["checkpoint_every={report_every}"],
+              "the spec's checkpoint_every": []}
+
+
+def run_cost(command: str, *, spec: str = "jobs/configs/tune_default.yaml", samples: int = 3, steps: int = 60,
+             report_every: int = 15, repeats: int = 1, extra: list[str] | None = None) -> tuple[dict, str]:
+    """Per-trial fixed cost, evaluations, checkpoints and training steps of each side in COST_SIDES, sides
+    alternating `repeats` times; also the time between trials (the side's wall time minus its trials' runs:
+    Tune starting each trial's process and driver)."""
+    spec = str((ROOT / spec).resolve())
+    tmp = Path(tempfile.mkdtemp(prefix="bench-tune-cost-"))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    common = [f"num_samples={samples}", f"report_every={report_every}", f"train.steps={steps}", "register_as=null",
+              "train.warmup_steps=4", f"train.storage_path={tmp / 'runs'}", f"tracking.uri={uri}", *(extra or [])]
+    sides: dict[str, list[dict]] = {name: [] for name in COST_SIDES}
+    for rep in range(repeats):
+        for i, (name, overrides) in enumerate(COST_SIDES.items()):
+            label = f"bench-tune-cost-{i}-{rep}"
+            r = _side(spec, ["scheduler=fifo", f"name={label}"], common + [o.format(report_every=report_every)
+                                                                            for o in overrides], tmp / label, tmp, uri)
+            run_s = sum(t["costs"].get("run_s", 0.0) for t in r["trials"])
+            r["between_trials_s"] = (r["seconds"] - run_s) / len(r["trials"])
+            sides[name].append(r)
+            print(f"{name} (repeat {rep + 1}): {r['seconds']:.0f} s for {len(r['trials'])} trials", flush=True)
+    result = {"benchmark": "tune_cost", "command": command, "machine": machine(), "spec": spec, "samples": samples,
+              "steps_per_trial": steps, "report_every": report_every, "repeats": repeats, "overrides": common,
+              "sides": {name: {"overrides": COST_SIDES[name], "runs": runs,
+                               "costs": fixed_cost_summary([t for r in runs for t in r["trials"]]),
+                               "between_trials_s": sum(r["between_trials_s"] for r in runs) / len(runs),
+                               "trial_wall_s": sum(r["seconds"] for r in runs) / sum(len(r["trials"]) for r in runs)}
+                        for name, runs in sides.items()}}
+    return result, cost_markdown(result)
+
+
+def cost_markdown(r: dict) -> str:
+    sides = r["sides"]
+    md = header("Tune: what a trial costs besides its training steps", r["command"], r["machine"]) + [
+        f"Spec `{Path(r['spec']).name}`, every side: {r['samples']} trials (no scheduler), {r['steps_per_trial']} steps "
+        f"each, a dev evaluation and Tune report every {r['report_every']} steps; sides alternate, {r['repeats']} "
+        "time(s). Sides: " + "; ".join(f"**{name}** ({', '.join(s['overrides']).format(report_every=r['report_every']) or 'no override'})"
+                                      for name, s in sides.items()) + ".", ""]
+    md += cost_table({name: s["costs"] for name, s in sides.items()})
+    md += ["| side | Tune's wall time per trial (s) | of which between trials (s) | training steps' share |",
+           "|---|---:|---:|---:|"]
+    for name, s in sides.items():
+        c = s["costs"]
+        steps_s = c["run_s"] - c["fixed_s"] - c.get("pauses_s", 0.0)
+        md.append(f"| {name} | {s['trial_wall_s']:.1f} | {s['between_trials_s']:.1f} | {100 * steps_s / s['trial_wall_s']:.0f}% |")
+    names = list(sides)
+    if len(names) == 2:
+        a, b = (sides[n]["trial_wall_s"] for n in names)
+        md += ["", f"Per trial: {a:.1f} s → {b:.1f} s ({100 * (b - a) / a:+.0f}%)."]
     md.append("")
     return "\n".join(md)

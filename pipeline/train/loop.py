@@ -372,6 +372,16 @@ class DevEvaluation:
         return {**out, "dev/score": score, "dev/best_score": state.best_score, "is_best": float(state.best_score == score)}
 
 
+def progress_report(state: TrainState, sampler: TaskSampler, weighting, metrics: dict[str, float]) -> dict[str, float]:
+    """What every `ray.train.report` carries (what Tune's schedulers decide on and the driver's result holds):
+    the step, the best score, each task's steps, weight and ratio, and the dev metrics when there are any."""
+    return {"step": state.step, "best_score": state.best_score, "time/reported_at": time.time(),
+            **{f"steps/{t}": c for t, c in sampler.counts.items()},
+            **{f"weight/{t}": w for t, w in weighting.weights().items()},  # Tune's TensorBoard files show them too
+            **{f"ratio/{t}": r for t, r in sampler.ratios().items()},
+            **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
+
+
 def save_checkpoint(engine, state: TrainState, sampler: TaskSampler, weighting, metrics: dict[str, float],
                     rank: int, world: int, tracker) -> None:
     """Every rank saves its DeepSpeed shards plus the loop's state and a manifest of what it wrote; Ray
@@ -394,16 +404,12 @@ def save_checkpoint(engine, state: TrainState, sampler: TaskSampler, weighting, 
     write_manifest(folder, rank)  # last: what this rank wrote, checked before any resume loads it
     written = [None] * world  # the checkpoint's size over all ranks (with adapters: no frozen base in it)
     dist.all_gather_object(written, sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()))
-    report = {"step": state.step, "best_score": state.best_score, "time/reported_at": time.time(),
-              **{f"steps/{t}": c for t, c in sampler.counts.items()},
-              **{f"weight/{t}": w for t, w in weighting.weights().items()},  # Tune's TensorBoard files show them too
-              **{f"ratio/{t}": r for t, r in sampler.ratios().items()},
-              **{k: v for k, v in metrics.items() if k.startswith("dev/")}}
     if tracker is not None:
         tracker.log_metrics({"checkpoint/bytes": float(sum(written))}, state.step)
         tracker.flush_or_spool()
     name = dir_name(state.step, state.taken)
-    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
+    ray.train.report(progress_report(state, sampler, weighting, metrics),
+                     checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
     state.taken.add(name)
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -445,6 +451,7 @@ class Worker:
         self.memory: dict[str, float] = {}  # what this rank holds (params, grads, optimizer), counted once
         self.window = Window(list(job.tasks), self.profiler)  # the log interval's losses and timings
         self.paused_s = 0.0  # training paused for evaluations and checkpoints, in the windows already closed
+        self.checkpoint_s = 0.0  # of which checkpoints (rank 0's clock; the rest is evaluations)
         stamps.append(time.time())
         if self.tracker is not None:  # where a run's fixed start-up cost goes (rank 0's clock)
             self.tracker.log_metrics(startup_times(job.fit_started, stamps, process_started()), self.state.step)
@@ -489,12 +496,19 @@ class Worker:
         return metrics
 
     def record(self, metrics: dict[str, float], checkpoint: bool) -> None:
-        """Metrics to MLflow (rank 0), then the checkpoint when one is due."""
+        """Metrics to MLflow (rank 0), then the checkpoint (with its report) when one is due; an evaluation
+        without a checkpoint is reported alone (a Tune trial's scheduler decides on every evaluation, whether
+        or not a checkpoint comes with it)."""
+        import ray.train
         if self.tracker is not None and metrics:
             self.tracker.log_metrics(metrics, self.state.step)
         if checkpoint:
+            began = time.perf_counter()
             save_checkpoint(self.engine, self.state, self.sampler, self.weighting, metrics, self.rank, self.world,
                             self.tracker)
+            self.checkpoint_s += time.perf_counter() - began
+        elif "dev/score" in metrics:
+            ray.train.report(progress_report(self.state, self.sampler, self.weighting, metrics))
 
     def failed(self, err) -> None:
         """A metric raised at an evaluation: every rank stops here alike; rank 0 tells the driver and MLflow."""
@@ -512,7 +526,8 @@ class Worker:
         from pipeline.train.artifacts import publish_model
         log_memory(self.model, self.memory, self.world, self.tracker, self.state.step)
         if self.tracker is not None:  # this attempt's evaluations and checkpoints, end to end (rank 0's clock)
-            self.tracker.log_metrics({PAUSED_S: self.paused_s + self.window.paused}, self.state.step)
+            self.tracker.log_metrics({PAUSED_S: self.paused_s + self.window.paused, CHECKPOINTS_S: self.checkpoint_s},
+                                     self.state.step)
         publish_model(self.engine, self.model, self.tokenizer, self.job.run_dir, FINAL_MODEL, self.rank,
                       {"step": self.state.step, "run_id": self.state.run_id, **self.job.meta},
                       files={"dev_predictions.json": {t: {"predictions": p, "references": r}
@@ -522,6 +537,7 @@ class Worker:
 
 
 PAUSED_S = "time/paused_total_s"  # a run's evaluations and checkpoints in all (this attempt), at its last step
+CHECKPOINTS_S = "time/checkpoint_total_s"  # of which checkpoints (saving, persisting, reporting)
 STARTUP_PHASES = ("tokenizer", "engine", "restore", "data_and_eval")
 WORKER_GROUP_PARTS = ("startup/worker_process_s", "startup/imports_s", "startup/backend_s")  # within worker_group
 # every fixed-cost metric a run logs, in order; the parts of the worker group are inside it, not beside it
