@@ -149,8 +149,8 @@ class TuneSpec(Strict):
     checkpoint_every: int | None = Field(None, ge=1)
     """Steps between a trial's checkpoints, a multiple of report_every (the last step is always checkpointed);
     unset: at every report. A checkpoint holds the model and optimizer states: what a failed trial or a
-    restored experiment continues from, and several times an evaluation's cost on small models (see
-    docs/performance.md); fewer of them make every trial cheaper, and a failure redoes more steps."""
+    restored experiment continues from. Fewer of them make every trial cheaper (`jobs/benchmark.py tune-cost`,
+    docs/performance.md: 138 vs 144 s per trial on MiniLM), and a failure redoes more steps."""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """Trials at once (default: as many as the cluster's CPUs/GPUs hold, see docs/guide.md)."""
     space: Space = Space()
