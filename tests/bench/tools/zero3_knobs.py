@@ -1,0 +1,66 @@
+"""ZeRO-3 knobs, one variant after another, on the training benchmark's torchrun side (no Ray) and its plain
+loop: what a `zero_optimization` setting does to DeepSpeed's own cost, with no Ray in the measurement.
+
+    python tests/bench/tools/zero3_knobs.py jobs/configs/bench_train.yaml 1 plain,defaults,no_mel,defaults OUT.jsonl
+
+Arguments: config, processes (1 or 2, 2 cores in all), comma-separated variants (VARIANTS below, or `plain`),
+the JSONL file each measurement is appended to (tokens/s: median of the windows after the first; ms per 1,000
+tokens by phase; CPU use). For a profile, run it under `py-spy record --subprocesses -f raw -o OUT.txt -- …`.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = {
+    "stage0": (0, {}),
+    "defaults": (3, {}),
+    "persist": (3, {"stage3_param_persistence_threshold": 20_000_000}),  # above MiniLM's largest tensor: nothing partitioned
+    "no_mel": (3, {"memory_efficient_linear": False}),  # torch's F.linear instead of DeepSpeed's LinearFunctionForZeroStage3
+    "no_mel_persist": (3, {"memory_efficient_linear": False, "stage3_param_persistence_threshold": 20_000_000}),
+    "encoder_leaf": (3, {"stage3_module_granularity_threshold": 130_000}),  # MiniLM's encoder (granularity 125,256) fetched whole
+    "model_leaf": (3, {"stage3_module_granularity_threshold": 100_000_000}),  # the whole model fetched whole
+}
+
+
+def main(config: str, processes: int, variants: list[str], out: Path) -> None:
+    from pipeline.benchmarks.train import PHASES, plain_loop, torchrun_side
+    from pipeline.config import load_config
+    from pipeline.data.preprocess import prepare_tasks
+    from pipeline.train.driver import rows_used
+    from pipeline.train.mixing import normalise_weights, sampling_ratios
+
+    cfg = load_config(config)
+    prepared = prepare_tasks(cfg, log=lambda _: None)
+    rows = rows_used(cfg, prepared)
+    ratios = sampling_ratios(cfg.sampling.strategy, rows, {t: cfg.tasks[t].ratio for t in rows}, cfg.sampling.temperature)
+    weights = normalise_weights({t: cfg.tasks[t].weight for t in rows})
+    batch = cfg.train.batch_size * cfg.train.num_workers  # the global batch, as in the benchmark
+    base = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "num_workers": processes, "cpus_per_worker": 2 / processes, "batch_size": batch // processes, "profile": True})})
+    for name in variants:
+        if name == "plain":
+            side = plain_loop(base, prepared, ratios, weights)
+        else:
+            stage, options = VARIANTS[name]
+            c = base.model_copy(update={"train": base.train.model_copy(update={"zero_stage": stage, "zero_options": options})})
+            try:
+                side = torchrun_side(c, prepared, weights)
+            except RuntimeError as e:  # a knob DeepSpeed cannot run on this setup: recorded, the next one goes on
+                rec = {"variant": name, "processes": processes, "error": str(e).strip().splitlines()[-1][:300]}
+                print(json.dumps(rec), flush=True)
+                with out.open("a") as f:
+                    f.write(json.dumps(rec | {"t": time.strftime("%H:%M:%S")}) + "\n")
+                continue
+        k_tokens = side["measured_tokens"] / 1000
+        rec = {"variant": name, "processes": processes, "tokens_per_s": side["tokens_per_s"], "cpu_use": side["cpu_use"],
+               "ms_per_k": {p: 1000 * side["phases_s"].get(p, 0.0) / k_tokens for p in PHASES + ("comm",)},
+               "t": time.strftime("%H:%M:%S")}
+        print(json.dumps(rec), flush=True)
+        with out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), Path(sys.argv[4]))
