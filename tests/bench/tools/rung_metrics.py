@@ -1,0 +1,81 @@
+"""Which rung metric would let ASHA stop the right trials? Reads the full-budget side of a `jobs/benchmark.py
+tune` run from its MLflow store (every trial's per-task dev metrics at every report), then for each candidate
+metric: its Spearman rank correlation with the full-budget best `dev/score` at every report step, and Ray Tune's
+own ASHAScheduler replayed over the curves with that metric at the rungs (200 random trial orders; the best
+`dev/score` the kept trials reach and the share of the steps they use).
+
+    python tests/bench/tools/rung_metrics.py sqlite:////tmp/bench-tune-XXXX/mlflow.db [bench-tune-full]
+
+The benchmark keeps its store in /tmp/bench-tune-*; the tasks are read from the metric names (dev/<task>/accuracy).
+"""
+import math
+import random
+import sys
+import types
+from collections import defaultdict
+
+
+def curves(uri: str, experiment: str) -> dict[str, dict[str, dict[int, float]]]:
+    from mlflow import MlflowClient
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    out = {}
+    for run in client.search_runs([exp.experiment_id]):
+        if "dev/score" not in run.data.metrics or run.info.run_name == experiment:  # the Tune parent run
+            continue
+        h = defaultdict(dict)
+        for key in run.data.metrics:
+            if key == "dev/score" or key.endswith("/accuracy"):
+                for m in client.get_metric_history(run.info.run_id, key):
+                    h[key][m.step] = m.value
+        out[run.info.run_name] = dict(h)
+    return out
+
+
+def main(uri: str, experiment: str = "bench-tune-full") -> None:
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+    from scipy.stats import spearmanr
+
+    hist = curves(uri, experiment)
+    tasks = sorted({k.split("/")[1] for h in hist.values() for k in h if k.endswith("/accuracy")})
+    best = {t: max(h["dev/score"].values()) for t, h in hist.items()}
+    steps = sorted(next(iter(hist.values()))["dev/score"])
+    acc = lambda h, s: [h[f"dev/{t}/accuracy"][s] for t in tasks]  # noqa: E731
+    metrics = {"mean (dev/score)": lambda h, s: h["dev/score"][s],
+               "weakest task": lambda h, s: min(acc(h, s)),
+               "geometric mean": lambda h, s: math.prod(acc(h, s)) ** (1 / len(tasks)),
+               **{f"{t} only": (lambda h, s, t=t: h[f"dev/{t}/accuracy"][s]) for t in tasks}}
+    names = sorted(hist)
+    print(f"{len(names)} trials, reports at {steps}, tasks {tasks}; full-budget best {max(best.values()):.2f}\n")
+    print("Spearman, metric at step -> full-budget best:")
+    for label, f in metrics.items():
+        rho = {s: spearmanr([f(hist[t], s) for t in names], [best[t] for t in names]).statistic for s in steps}
+        print(f"  {label:18s} " + "  ".join(f"{s}: {r:+.2f}" for s, r in rho.items()))
+
+    def replay(order, f, grace, rf):
+        sch = ASHAScheduler(time_attr="step", metric="m", mode="max", max_t=steps[-1] + 1, grace_period=grace,
+                            reduction_factor=rf)
+        ran, got = {}, {}
+        for t in order:
+            trial = types.SimpleNamespace(trial_id=t)
+            sch.on_trial_add(None, trial)
+            for s in steps:
+                ran[t], got[t] = s, max(got.get(t, -1e9), hist[t]["dev/score"][s])
+                if sch.on_trial_result(None, trial, {"step": s, "m": f(hist[t], s)}) == TrialScheduler.STOP:
+                    break
+        return sum(ran.values()), max(got.values())
+
+    full_best, full_steps = max(best.values()), steps[-1] * len(names)
+    orders = [random.Random(i).sample(names, len(names)) for i in range(200)]
+    print("\nASHA replayed, 200 random orders: share of the steps, orders reaching >= 98% of the best, mean share of the best")
+    for label, f in metrics.items():
+        for grace in steps[:2]:
+            for rf in (2, 3, 4):
+                rs = [replay(o, f, grace, rf) for o in orders]
+                print(f"  {label:18s} grace {grace:3d} rf {rf}: steps {sum(r[0] for r in rs) / len(rs) / full_steps:5.1%}"
+                      f"  >=98%: {sum(r[1] / full_best >= 0.98 for r in rs) / len(rs):4.0%}"
+                      f"  mean {sum(r[1] for r in rs) / len(rs) / full_best:.3f}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
