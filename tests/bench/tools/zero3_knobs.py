@@ -47,7 +47,8 @@ def main(config: str, processes: int, variants: list[str], out: Path) -> None:
             try:
                 side = torchrun_side(c, prepared, weights)
             except RuntimeError as e:  # a knob DeepSpeed cannot run on this setup: recorded, the next one goes on
-                rec = {"variant": name, "processes": processes, "error": str(e).strip().splitlines()[-1][:300]}
+                causes = [ln for ln in str(e).splitlines() if "Error:" in ln and "ChildFailedError" not in ln]
+                rec = {"variant": name, "processes": processes, "error": (causes or [str(e)])[-1].strip()[:300]}
                 print(json.dumps(rec), flush=True)
                 with out.open("a") as f:
                     f.write(json.dumps(rec | {"t": time.strftime("%H:%M:%S")}) + "\n")
