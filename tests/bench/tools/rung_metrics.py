@@ -11,7 +11,6 @@ The benchmark keeps its store in /tmp/bench-tune-*; the tasks are read from the 
 import math
 import random
 import sys
-import types
 from collections import defaultdict
 
 
@@ -33,7 +32,6 @@ def curves(uri: str, experiment: str) -> dict[str, dict[str, dict[int, float]]]:
 
 
 def main(uri: str, experiment: str = "bench-tune-full") -> None:
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
     from scipy.stats import spearmanr
 
     hist = curves(uri, experiment)
@@ -53,17 +51,12 @@ def main(uri: str, experiment: str = "bench-tune-full") -> None:
         print(f"  {label:18s} " + "  ".join(f"{s}: {r:+.2f}" for s, r in rho.items()))
 
     def replay(order, f, grace, rf):
-        sch = ASHAScheduler(time_attr="step", metric="m", mode="max", max_t=steps[-1] + 1, grace_period=grace,
-                            reduction_factor=rf)
-        ran, got = {}, {}
-        for t in order:
-            trial = types.SimpleNamespace(trial_id=t)
-            sch.on_trial_add(None, trial)
-            for s in steps:
-                ran[t], got[t] = s, max(got.get(t, -1e9), hist[t]["dev/score"][s])
-                if sch.on_trial_result(None, trial, {"step": s, "m": f(hist[t], s)}) == TrialScheduler.STOP:
-                    break
-        return sum(ran.values()), max(got.values())
+        """The benchmark's own replay (Ray's ASHAScheduler) fed metric f at the rungs; the best dev/score
+        each kept trial reached up to the step it was stopped at."""
+        from pipeline.benchmarks.tune import replay_asha
+        fed = [{"trial": t, "dev_scores": {s: f(hist[t], s) for s in steps}} for t in order]
+        ran = replay_asha(fed, steps[-1], grace, rf)["ran"]
+        return sum(ran.values()), max(v for t in order for s, v in hist[t]["dev/score"].items() if s <= ran[t])
 
     full_best, full_steps = max(best.values()), steps[-1] * len(names)
     orders = [random.Random(i).sample(names, len(names)) for i in range(200)]
@@ -78,4 +71,6 @@ def main(uri: str, experiment: str = "bench-tune-full") -> None:
 
 
 if __name__ == "__main__":
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
     main(*sys.argv[1:3])
