@@ -307,6 +307,11 @@ class TrainConfig(Strict):
     placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """Ray placement-group strategy of the workers: PACK fills a node before the next; SPREAD puts workers
     on different nodes where it can (STRICT_SPREAD: must, one worker per node)."""
+    ingest: Literal["auto", "streaming"] = "auto"
+    """How the workers get their training rows. auto: a task whose cached train split is at most 64 MiB of
+    Parquet goes to each worker whole, through Ray's object store (its 1/num_workers part, reshuffled every
+    epoch in the worker), so no Ray Data execution and its helper actors run beside training; a larger
+    split streams through Ray Data (Ray Train's dataset shards). streaming: every task through Ray Data."""
     steps: int = Field(300, ge=1)
     """Optimizer steps in total; each step trains one task's batch, drawn by the task sampler."""
     max_minutes: float | None = Field(None, gt=0)

@@ -104,6 +104,7 @@ def test_seeded_order_is_reproducible_and_columns_can_be_chosen(glue, monkeypatc
     monkeypatch.setattr(pre, "SMALL_SPLIT_BYTES", 0)
     large = prepared["mrpc"].materialized("train", limit=50, shuffle_seed=3, columns=["input_ids", "label"])
     assert small.take_all() == large.take_all() == first
+    assert prepared["mrpc"].worker_parts("train", limit=50, workers=2) is None  # a large split streams through Ray Data
 
 
 def test_repeated_small_split_gives_each_worker_its_own_part_several_times(glue):
@@ -129,6 +130,9 @@ def test_repeated_small_split_gives_each_worker_its_own_part_several_times(glue)
     thrice = shards(repeated)
     assert once == [plain[:25], plain[25:50]]
     assert thrice == [plain[:25] * 3, plain[25:50] * 3]
+    # `train.ingest: auto` hands the workers these parts through the object store instead: the same rows
+    parts = prepared["sst2"].worker_parts("train", **kw, workers=2)
+    assert [[{k: (list(v) if k == "input_ids" else v) for k, v in r.items()} for r in p.to_pylist()] for p in parts] == once
     assert {"input_ids", "label", "id", "drop_reason"} <= set(prepared["sst2"].columns("train"))
 
 

@@ -113,8 +113,10 @@ def test_resume_continues_at_the_saved_step_in_the_same_mlflow_run(tmp_path, cac
 
 
 def test_causal_lm_backbone_with_optimizer_offload(tmp_path, cache_dir):
+    # the rows stream through Ray Data here (every other default-tier run hands its small splits over in
+    # Ray's object store, `train.ingest: auto`)
     cfg = _cfg(tmp_path, cache_dir, "model.name=tiny-llama", "train.zero_stage=2", "train.offload_optimizer=true",
-               "train.steps=20", "train.eval_every=20", "train.checkpoint_every=20")
+               "train.steps=20", "train.eval_every=20", "train.checkpoint_every=20", "train.ingest=streaming")
     result = train_driver(cfg, log=lambda _: None)
     losses = [v for _, v in _history(cfg, result.run_id, "loss/total")]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2, losses
@@ -293,6 +295,29 @@ def test_two_classification_tasks_and_xsum_all_learn(tmp_path, cache_dir, backbo
     assert sum(startup[k][0][1] for k in parts) == pytest.approx(startup["startup/worker_group_s"][0][1], abs=1e-3)
     phases = sum(h[0][1] for k, h in startup.items() if k not in parts)
     assert phases < result.wall_seconds, (phases, result.wall_seconds)
+
+
+def test_table_shard_reshuffles_every_epoch_in_full_batches():
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.train.loop import TableShard, batches_forever
+
+    shard = TableShard(pa.table({"input_ids": [[i, 1, 2][: 1 + i % 3] for i in range(10)], "label": [i % 2 for i in range(10)]}))
+
+    def epoch(seed):
+        return [(list(int(r[0]) for r in b["input_ids"]), list(b["label"])) for b in shard.iter_batches(4, local_shuffle_seed=seed)]
+
+    first = epoch(5)
+    assert [len(ids) for ids, _ in first] == [4, 4]  # 10 rows: two full batches, the partial one dropped
+    ids = [i for batch, _ in first for i in batch]
+    assert len(set(ids)) == 8 and all(label == i % 2 for batch, labels in first for i, label in zip(batch, labels))
+    assert epoch(5) == first and epoch(6) != first  # the epoch's seed sets the order
+    batch = next(batches_forever(shard, 4, pad_id=0, seed=5))
+    assert batch["input_ids"].shape == (4, max(1 + i % 3 for i in first[0][0])) and batch["labels"].dtype == torch.float32
+    assert batch["attention_mask"].sum().item() == sum(1 + i % 3 for i in first[0][0])  # padded to the longest row
+    with pytest.raises(RuntimeError, match="training shard is empty"):
+        next(batches_forever(shard, 16, pad_id=0, seed=5))
 
 
 def test_training_builds_no_deepspeed_inference_comm_op():

@@ -3,9 +3,10 @@
 `torchrun` starts one process per worker (gloo on CPU, NCCL on GPUs, as the job); each builds the job's own
 DeepSpeed engine (`pipeline.train.loop.build_engine`), draws the job's task sequence (`TaskSampler` over the
 same mixture and seed) and runs the job's `train_step` and `Window` (and, with `train.profile`, its
-`Profiler`) on its 1/world share of the same cached rows, read with pyarrow instead of Ray Data and reshuffled
-every epoch with the job's seeds. No Ray Train, no Ray Data, no MLflow, no evaluation or checkpoints: the job's
-tokens/s over this side's is Ray's cost alone; this side over the plain single-process loop is DeepSpeed's and
+`Profiler`) on its 1/world share of the same cached rows, held in memory in the job's `TableShard` (as the
+job's workers hold a small split, `train.ingest: auto`) and reshuffled every epoch with the job's seeds. No
+Ray Train, no Ray Data, no MLflow, no evaluation or checkpoints: the job's tokens/s over this side's is Ray's
+cost alone; this side over the plain single-process loop is DeepSpeed's and
 data parallelism's.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m pipeline.benchmarks.torchrun_side IN.pkl OUT.json
@@ -21,27 +22,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
-
-import numpy as np
-
-COLUMNS = ("input_ids", "token_type_ids", "label", "target_ids")
-
-
-class RowShard:
-    """One rank's rows of a task (every world-th row, as Ray Data's split hands out equal shares), with the
-    `iter_batches` that `batches_forever` calls: the whole shard reshuffled with the epoch's seed."""
-
-    def __init__(self, rows: list[dict], rank: int, world: int):
-        self.rows = rows[rank::world]
-
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy", local_shuffle_buffer_size: int = 0,
-                     local_shuffle_seed: int = 0, **_) -> Iterator[dict[str, np.ndarray]]:
-        order = np.random.default_rng(local_shuffle_seed).permutation(len(self.rows))
-        keys = [k for k in COLUMNS if self.rows and self.rows[0].get(k) is not None]
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            picked = [self.rows[i] for i in order[start:start + batch_size]]
-            yield {k: np.array([r[k] for r in picked], dtype=None if k == "label" else object) for k in keys}
+from typing import Any
 
 
 def launch(cfg, prepared: dict, weights: dict[str, float], *, timeout: float = 3600) -> dict[str, Any]:
@@ -82,14 +63,14 @@ def main(job_path: str, out_path: str) -> None:
     from pipeline.model.refs import load_tokenizer
     from pipeline.model.summarize import summary_format
     from pipeline.runtime import keep_freed_memory, quiet_libraries
-    from pipeline.train.loop import (WorkerJob, batches_forever, build_engine, clear_stale_grads, lr_lambda, mean_over_ranks,
+    from pipeline.train.loop import (TableShard, WorkerJob, batches_forever, build_engine, clear_stale_grads, lr_lambda, mean_over_ranks,
                                      set_clip, skip_inference_comm_op, train_step)
     from pipeline.train.mixing import TaskSampler
     from pipeline.train.window import Profiler, Window
 
     from pipeline.config import Config
     from pipeline.data.preprocess import PreparedTask
-    from pipeline.train.driver import mixture, rows_used
+    from pipeline.train.driver import mixture, rows_used, train_split_args
 
     given = json.loads(Path(job_path).read_text())
     cfg = Config.model_validate(given["config"])
@@ -109,9 +90,9 @@ def main(job_path: str, out_path: str) -> None:
     tokenizer = load_tokenizer(cfg.model.name)
     model, engine, optimizer, weighting, _ = build_engine(cfg, job, world)
     prompts = {t: summary_format(model.kind, tokenizer, s.prompt) for t, s in specs.items() if s.kind == "summarization"}
-    shards = {t: RowShard(p.table("train", limit=cfg.tasks[t].max_rows.get("train"), shuffle_seed=cfg.seed,
-                                  columns=[c for c in COLUMNS if c in p.columns("train")]).to_pylist(), rank, world)
-              for t, p in prepared.items()}
+    tables = {t: p.table("train", **train_split_args(cfg, t, p)) for t, p in prepared.items()}
+    # the rows the job's worker of this rank trains on (PreparedTask.worker_parts), in memory whatever their size
+    shards = {t: TableShard(table.slice(rank * (table.num_rows // world), table.num_rows // world)) for t, table in tables.items()}
     iters = {t: batches_forever(shards[t], train.batch_size, tokenizer.pad_token_id, cfg.seed + rank, prompts.get(t))
              for t in job.tasks}
     profiler = Profiler(engine, iters) if train.profile else None

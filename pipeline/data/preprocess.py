@@ -101,6 +101,18 @@ class PreparedTask:
             table = pa.concat_tables([table.slice(i * part, part) for i in range(workers) for _ in range(copies)])
         return ray.data.from_arrow(table)
 
+    def worker_parts(self, split: str, limit: int | None = None, columns: list[str] | None = None,
+                     shuffle_seed: int | None = None, *, workers: int = 1):
+        """A small split (at most SMALL_SPLIT_BYTES of Parquet) as `workers` in-memory Arrow tables: worker i's
+        contiguous 1/workers part of `table()`, the rows `streaming_split(workers, equal=True)` of
+        `materialized()` gives it (the remainder rows dropped, as an equal split does). None for a larger
+        split: that one streams through Ray Data."""
+        if self.nbytes(split) > SMALL_SPLIT_BYTES:
+            return None
+        table = self.table(split, limit, columns, shuffle_seed)
+        part = table.num_rows // workers
+        return [table.slice(i * part, part) for i in range(workers)]
+
     def nbytes(self, split: str) -> int:
         """Size of a split's Parquet files in the cache."""
         return sum(f.stat().st_size for f in (self.path / f"split={split}").rglob("*.parquet"))

@@ -156,6 +156,25 @@ def _worker_job(cfg: Config, prepared: dict[str, PreparedTask], weights: dict[st
                      tracking_uri=uri, run_dir=run_dir, dev=dev, meta=model_metadata(cfg, run_name))
 
 
+def train_inputs(cfg: Config, prepared: dict[str, PreparedTask]) -> tuple[dict, dict]:
+    """Each task's training rows for the workers: (Ray Datasets Ray Train streams to them, per-task lists of
+    object refs, one Arrow table per worker rank). With `train.ingest: auto` a split of at most
+    SMALL_SPLIT_BYTES goes to the workers through Ray's object store, so no Ray Data execution runs beside
+    training; a larger split, or any with `ingest: streaming`, is a Ray Dataset. Same rows per rank either way."""
+    import ray
+
+    datasets, shards = {}, {}
+    workers = cfg.train.num_workers
+    for t, p in prepared.items():
+        args = train_split_args(cfg, t, p)
+        parts = p.worker_parts("train", **args, workers=workers) if cfg.train.ingest == "auto" else None
+        if parts is None:
+            datasets[t] = p.materialized("train", **args, workers=workers, pass_bytes=PASS_BYTES)
+        else:
+            shards[t] = [ray.put(part) for part in parts]
+    return datasets, shards
+
+
 def rows_used(cfg: Config, prepared: dict) -> dict[str, int]:
     """Each task's train rows the run draws from (`max_rows.train` caps the cached split)."""
     return {t: min(p.rows("train"), cfg.tasks[t].max_rows.get("train", p.rows("train"))) for t, p in prepared.items()}
@@ -291,9 +310,8 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     from ray.data import DataContext
     DataContext.get_current().enable_progress_bars = False  # per-worker split bars would drown the step lines
 
-    datasets = {t: p.materialized("train", **train_split_args(cfg, t, p), workers=cfg.train.num_workers,
-                                  pass_bytes=PASS_BYTES) for t, p in prepared.items()}
-    job = _worker_job(cfg, prepared, weights, train_rows, run_id, uri, run_dir, run_name)
+    datasets, shards = train_inputs(cfg, prepared)
+    job = dataclasses.replace(_worker_job(cfg, prepared, weights, train_rows, run_id, uri, run_dir, run_name), shards=shards)
     view = None
     if progress:
         from pipeline.train.progress import ProgressView

@@ -69,6 +69,23 @@ def make_batch(batch: dict[str, np.ndarray], pad_id: int, prompt: PromptFormat |
     return prompt.training_batch([list(x) for x in batch["input_ids"]], [list(x) for x in batch["target_ids"]])
 
 
+class TableShard:
+    """One rank's training rows held in memory (an Arrow table from the object store), read like Ray Data's
+    `DataIterator.iter_batches` by `batches_forever`: every epoch a fresh permutation of the whole shard,
+    seeded by `local_shuffle_seed`, in full batches (the last partial one is dropped: every step, on every
+    rank, sees `batch_size` rows)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy", local_shuffle_buffer_size: int = 0,
+                     local_shuffle_seed: int = 0, **_) -> Iterator[dict[str, np.ndarray]]:
+        order = np.random.default_rng(local_shuffle_seed).permutation(self.table.num_rows)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            picked = self.table.take(order[start:start + batch_size])
+            yield {name: column.to_numpy(zero_copy_only=False) for name, column in zip(picked.column_names, picked.columns)}
+
+
 def batches_forever(shard, batch_size: int, pad_id: int, seed: int,
                     prompt: PromptFormat | Seq2SeqFormat | None = None, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Endless task-homogeneous batches from this worker's shard; reshuffled every epoch. `skip`
@@ -228,6 +245,8 @@ class WorkerJob:
     meta: dict[str, Any]  # what every model folder records (pipeline.train.driver.model_metadata)
     progress: Any = None  # the driver's progress queue (pipeline/train/progress.py); None: rank 0 prints
     fit_started: float = 0.0  # wall clock when the driver started the worker group (start-up timings)
+    shards: dict[str, list] = field(default_factory=dict)  # task -> per-rank object refs of Arrow tables (small splits;
+    # the other tasks come as Ray Train dataset shards): pipeline.train.driver.train_inputs
 
 
 @dataclass
@@ -443,7 +462,8 @@ class Worker:
         if self.tracker is not None and self.state.warnings:  # a checkpoint fallback stays visible on the run
             self.tracker.set_tag("mtl.resume_warning", " | ".join(self.state.warnings)[:5000])
         self.evaluation = DevEvaluation(self.cfg, job, self.engine, self.model, self.tokenizer, self.rank, self.world)
-        self.iters = {t: batches_forever(ray.train.get_dataset_shard(t), train.batch_size, self.tokenizer.pad_token_id,
+        self.iters = {t: batches_forever(TableShard(ray.get(job.shards[t][self.rank])) if t in job.shards
+                                         else ray.train.get_dataset_shard(t), train.batch_size, self.tokenizer.pad_token_id,
                                          self.cfg.seed + self.rank, self.evaluation.prompts.get(t),
                                          skip=self.sampler.counts[t] * train.grad_accum) for t in job.tasks}
         self.profiler = Profiler(self.engine, self.iters) if train.profile else None
