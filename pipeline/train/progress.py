@@ -41,12 +41,16 @@ def step_line(m: dict[str, Any], eta_s: float | None = None) -> str:
 
 
 class ProgressView:
-    """The driver's side: a queue (a zero-CPU Ray actor) and a thread that draws what arrives."""
+    """The driver's side: a queue (a zero-CPU Ray actor on the driver's node: a queue on a worker node that dies
+    would fail every restarted worker group at its first progress line) and a thread that draws what arrives."""
 
     def __init__(self, total: int, bar: bool):
+        import ray
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.total, self.queue = total, Queue(actor_options={"num_cpus": 0})
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.total, self.queue = total, Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.started: tuple[float, int] | None = None  # (time, step) of the first step seen: the ETA's base
         self.bar = None
         if bar:
