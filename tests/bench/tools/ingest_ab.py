@@ -17,14 +17,11 @@ from statistics import median
 
 def main(config: str, workers: int, pairs: int, out: Path, overrides: list[str]) -> None:
     from pipeline.benchmarks.train import PHASES, job_side
-    from pipeline.config import load_config
     from pipeline.runtime import init_ray
+    from workload import workload
 
     init_ray()
-    cfg = load_config(config, overrides)
-    batch = cfg.train.batch_size * cfg.train.num_workers  # the global batch, as in the benchmark
-    base = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "num_workers": workers, "cpus_per_worker": 2 / workers, "batch_size": batch // workers, "profile": True})})
+    base = workload(config, overrides, workers)[0]
     ratios = []
     for pair in range(pairs):
         got = {}
@@ -46,4 +43,5 @@ def main(config: str, workers: int, pairs: int, out: Path, overrides: list[str])
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5:])

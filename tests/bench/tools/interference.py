@@ -36,21 +36,11 @@ def parse(load: str) -> tuple[float, float] | None:
 
 def main(config: str, loads: list[str], out: Path, overrides: list[str]) -> None:
     from pipeline.benchmarks.train import plain_loop
-    from pipeline.config import load_config
-    from pipeline.data.preprocess import prepare_tasks
-    from pipeline.train.driver import rows_used
-    from pipeline.train.mixing import normalise_weights, sampling_ratios
     from pipeline.runtime import quiet_libraries
+    from workload import workload
 
     quiet_libraries()
-    cfg = load_config(config, overrides)
-    prepared = prepare_tasks(cfg, log=lambda _: None)
-    rows = rows_used(cfg, prepared)
-    ratios = sampling_ratios(cfg.sampling.strategy, rows, {t: cfg.tasks[t].ratio for t in rows}, cfg.sampling.temperature)
-    weights = normalise_weights({t: cfg.tasks[t].weight for t in rows})
-    batch = cfg.train.batch_size * cfg.train.num_workers  # the global batch, as in the benchmark
-    base = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "num_workers": 1, "cpus_per_worker": 2, "batch_size": batch, "profile": True})})
+    base, prepared, ratios, weights = workload(config, overrides, 1)
     for load in loads:
         spec, proc, stop = parse(load), None, mp.Event()
         if spec:
@@ -74,4 +64,5 @@ def main(config: str, loads: list[str], out: Path, overrides: list[str]) -> None
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main(sys.argv[1], sys.argv[2].split(","), Path(sys.argv[3]), sys.argv[4:])

@@ -25,19 +25,9 @@ VARIANTS = {
 
 def main(config: str, processes: int, variants: list[str], out: Path) -> None:
     from pipeline.benchmarks.train import PHASES, plain_loop, torchrun_side
-    from pipeline.config import load_config
-    from pipeline.data.preprocess import prepare_tasks
-    from pipeline.train.driver import rows_used
-    from pipeline.train.mixing import normalise_weights, sampling_ratios
+    from workload import workload
 
-    cfg = load_config(config)
-    prepared = prepare_tasks(cfg, log=lambda _: None)
-    rows = rows_used(cfg, prepared)
-    ratios = sampling_ratios(cfg.sampling.strategy, rows, {t: cfg.tasks[t].ratio for t in rows}, cfg.sampling.temperature)
-    weights = normalise_weights({t: cfg.tasks[t].weight for t in rows})
-    batch = cfg.train.batch_size * cfg.train.num_workers  # the global batch, as in the benchmark
-    base = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "num_workers": processes, "cpus_per_worker": 2 / processes, "batch_size": batch // processes, "profile": True})})
+    base, prepared, ratios, weights = workload(config, [], processes)
     for name in variants:
         if name == "plain":
             side = plain_loop(base, prepared, ratios, weights)
@@ -64,4 +54,5 @@ def main(config: str, processes: int, variants: list[str], out: Path) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), Path(sys.argv[4]))
