@@ -149,6 +149,15 @@ def test_unreachable_optional_tracking_warns_and_trains(tmp_path, cache_dir, cap
     assert (Path(result.run_dir) / "final_model" / "mtl_model.json").is_file()
 
 
+def test_benchmark_spreads_the_global_batch_over_its_processes():
+    from pipeline.benchmarks.train import per_process
+    cfg = load_config(ROOT / "jobs" / "configs" / "bench_train_short.yaml")  # 2 workers × 16 rows
+    one, two = per_process(cfg, 1), per_process(cfg, 2, total_cpus=4.0)
+    assert (one.train.num_workers, one.train.cpus_per_worker, one.train.batch_size) == (1, 2.0, 32)
+    assert (two.train.num_workers, two.train.cpus_per_worker, two.train.batch_size) == (2, 2.0, 16)
+    assert one.train.profile and two.train.profile and one.train.steps == cfg.train.steps
+
+
 @pytest.mark.slow  # a benchmark's own check; benchmarks are run by hand (jobs/benchmark.py) and their results committed
 def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}

@@ -69,7 +69,7 @@ def main(job_path: str, out_path: str) -> None:
     from pipeline.train.window import Profiler, Window
 
     from pipeline.config import Config
-    from pipeline.data.preprocess import PreparedTask
+    from pipeline.data.preprocess import PreparedTask, rank_part
     from pipeline.train.driver import mixture, rows_used, train_split_args
 
     given = json.loads(Path(job_path).read_text())
@@ -92,7 +92,7 @@ def main(job_path: str, out_path: str) -> None:
     prompts = {t: summary_format(model.kind, tokenizer, s.prompt) for t, s in specs.items() if s.kind == "summarization"}
     tables = {t: p.table("train", **train_split_args(cfg, t, p)) for t, p in prepared.items()}
     # the rows the job's worker of this rank trains on (PreparedTask.worker_parts), in memory whatever their size
-    shards = {t: TableShard(table.slice(rank * (table.num_rows // world), table.num_rows // world)) for t, table in tables.items()}
+    shards = {t: TableShard(rank_part(table, rank, world)) for t, table in tables.items()}
     iters = {t: batches_forever(shards[t], train.batch_size, tokenizer.pad_token_id, cfg.seed + rank, prompts.get(t))
              for t in job.tasks}
     profiler = Profiler(engine, iters) if train.profile else None

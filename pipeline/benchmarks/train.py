@@ -142,29 +142,43 @@ def _mfu(flops_token: float, tokens_per_s: float, gpus: int) -> float | None:
 RATIOS = ("ratio", "ray_ratio", "deepspeed_ratio")
 
 
+def workload(cfg) -> tuple[dict, dict[str, float], dict[str, float]]:
+    """What every side trains on, as the job computes it: (prepared tasks, sampling ratios, loss weights)."""
+    from pipeline.data.preprocess import prepare_tasks
+    from pipeline.train.driver import rows_used
+    from pipeline.train.mixing import normalise_weights, sampling_ratios
+
+    prepared = prepare_tasks(cfg, log=lambda _: None)
+    rows = rows_used(cfg, prepared)
+    ratios = sampling_ratios(cfg.sampling.strategy, rows, {t: cfg.tasks[t].ratio for t in rows}, cfg.sampling.temperature)
+    return prepared, ratios, normalise_weights({t: cfg.tasks[t].weight for t in rows})
+
+
+def per_process(cfg, processes: int, total_cpus: float = 2.0):
+    """`cfg` for `processes` workers sharing `total_cpus` cores: the config's global batch (batch_size ×
+    num_workers) split evenly over them, profiling on — the same work at every world size."""
+    global_batch = cfg.train.batch_size * cfg.train.num_workers
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "num_workers": processes, "cpus_per_worker": total_cpus / processes, "batch_size": global_batch // processes,
+        "profile": True})})
+
+
 def run(cfg, command: str, *, stages=(0, 1, 2, 3), workers=(1, 2), total_cpus: float = 2.0,
         repeats: int = 1) -> tuple[dict, str]:
     """Every (workers, stage) row: plain loop, torchrun side, job, back to back, `repeats` times. A row's ratios
     are the median over its repeats (each repeat's job against the plain and torchrun runs right before it),
     with their range; its sides' numbers and phases are those of the repeat with the median Ray share."""
-    from pipeline.data.preprocess import prepare_tasks
     from pipeline.runtime import init_ray
-    from pipeline.train.driver import rows_used
-    from pipeline.train.mixing import normalise_weights, sampling_ratios
 
     import ray
 
     init_ray()
     nodes = [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]  # the job side's cluster
-    prepared = prepare_tasks(cfg, log=lambda _: None)
-    rows = rows_used(cfg, prepared)
-    ratios = sampling_ratios(cfg.sampling.strategy, rows, {t: cfg.tasks[t].ratio for t in rows}, cfg.sampling.temperature)
-    weights = normalise_weights({t: cfg.tasks[t].weight for t in rows})
+    prepared, ratios, weights = workload(cfg)
     global_batch = cfg.train.batch_size * cfg.train.num_workers
     sides = []
     for n in workers:
-        per_worker = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-            "num_workers": n, "cpus_per_worker": total_cpus / n, "batch_size": global_batch // n, "profile": True})})
+        per_worker = per_process(cfg, n, total_cpus)
         for stage in stages:
             c = per_worker.model_copy(update={"train": per_worker.train.model_copy(update={"zero_stage": stage})})
             reps = []

@@ -144,8 +144,9 @@ def _worker_env() -> dict | None:
 
 
 def _worker_job(cfg: Config, prepared: dict[str, PreparedTask], weights: dict[str, float], train_rows: dict[str, int],
-                run_id: str | None, uri: str, run_dir: str, run_name: str):
-    """What every worker gets (pipeline.train.loop.WorkerJob), the dev rows in Ray's object store."""
+                run_id: str | None, uri: str, run_dir: str, run_name: str, shards: dict):
+    """What every worker gets (pipeline.train.loop.WorkerJob), the dev rows in Ray's object store; `shards`:
+    the training rows handed over in memory (`train_inputs`)."""
     import ray
 
     from pipeline.model.multitask import Head
@@ -153,7 +154,7 @@ def _worker_job(cfg: Config, prepared: dict[str, PreparedTask], weights: dict[st
     dev = {t: ray.put(dev_rows(p, cfg.tasks[t].max_rows.get("validation"), cfg.data.dev_seed)) for t, p in prepared.items()}
     return WorkerJob(config=cfg, tasks=tuple(prepared), weights=weights, mixture=mixture(cfg, train_rows),
                      heads=tuple(Head(t, s.kind, s.num_labels) for t, s in cfg.task_specs().items()), run_id=run_id,
-                     tracking_uri=uri, run_dir=run_dir, dev=dev, meta=model_metadata(cfg, run_name))
+                     tracking_uri=uri, run_dir=run_dir, dev=dev, meta=model_metadata(cfg, run_name), shards=shards)
 
 
 def train_inputs(cfg: Config, prepared: dict[str, PreparedTask]) -> tuple[dict, dict]:
@@ -311,7 +312,7 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     DataContext.get_current().enable_progress_bars = False  # per-worker split bars would drown the step lines
 
     datasets, shards = train_inputs(cfg, prepared)
-    job = dataclasses.replace(_worker_job(cfg, prepared, weights, train_rows, run_id, uri, run_dir, run_name), shards=shards)
+    job = _worker_job(cfg, prepared, weights, train_rows, run_id, uri, run_dir, run_name, shards)
     view = None
     if progress:
         from pipeline.train.progress import ProgressView

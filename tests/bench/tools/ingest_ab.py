@@ -16,12 +16,12 @@ from statistics import median
 
 
 def main(config: str, workers: int, pairs: int, out: Path, overrides: list[str]) -> None:
-    from pipeline.benchmarks.train import PHASES, job_side
+    from pipeline.benchmarks.train import PHASES, job_side, per_process
+    from pipeline.config import load_config
     from pipeline.runtime import init_ray
-    from workload import workload
 
     init_ray()
-    base = workload(config, overrides, workers)[0]
+    base = per_process(load_config(config, overrides), workers)  # the job side prepares its tasks itself
     ratios = []
     for pair in range(pairs):
         got = {}
@@ -43,5 +43,4 @@ def main(config: str, workers: int, pairs: int, out: Path, overrides: list[str])
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5:])

@@ -35,12 +35,13 @@ def parse(load: str) -> tuple[float, float] | None:
 
 
 def main(config: str, loads: list[str], out: Path, overrides: list[str]) -> None:
-    from pipeline.benchmarks.train import plain_loop
+    from pipeline.benchmarks.train import per_process, plain_loop, workload
+    from pipeline.config import load_config
     from pipeline.runtime import quiet_libraries
-    from workload import workload
 
     quiet_libraries()
-    base, prepared, ratios, weights = workload(config, overrides, 1)
+    base = per_process(load_config(config, overrides), 1)
+    prepared, ratios, weights = workload(base)
     for load in loads:
         spec, proc, stop = parse(load), None, mp.Event()
         if spec:
@@ -64,5 +65,4 @@ def main(config: str, loads: list[str], out: Path, overrides: list[str]) -> None
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main(sys.argv[1], sys.argv[2].split(","), Path(sys.argv[3]), sys.argv[4:])

@@ -24,10 +24,11 @@ VARIANTS = {
 
 
 def main(config: str, processes: int, variants: list[str], out: Path) -> None:
-    from pipeline.benchmarks.train import PHASES, plain_loop, torchrun_side
-    from workload import workload
+    from pipeline.benchmarks.train import PHASES, per_process, plain_loop, torchrun_side, workload
+    from pipeline.config import load_config
 
-    base, prepared, ratios, weights = workload(config, [], processes)
+    base = per_process(load_config(config, []), processes)
+    prepared, ratios, weights = workload(base)
     for name in variants:
         if name == "plain":
             side = plain_loop(base, prepared, ratios, weights)
@@ -54,5 +55,4 @@ def main(config: str, processes: int, variants: list[str], out: Path) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main(sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), Path(sys.argv[4]))
