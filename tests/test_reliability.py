@@ -269,8 +269,12 @@ def test_failing_metric_keeps_the_step_and_resume_evaluates_it_first(tmp_path, c
     assert (run_dir / "step_0000008" / "meta.json").is_file()  # the failing step, checkpointed on the failure path
 
     monkeypatch.delenv("MTL_FAULT_METRIC")
+    began = time.monotonic()
     result = train_driver(cfg, resume=run_dir.name, log=lambda _: None)
     assert result.run_id == run_id and result.steps == STEPS
+    # the run's wall time counts the failed attempt's workers up to the step-8 checkpoint too (a comparison's
+    # resumed unit reports its whole time)
+    assert result.wall_seconds > time.monotonic() - began
     assert MlflowClient(cfg.tracking.uri).get_run(run_id).info.status == "FINISHED"
     assert [s for s, _ in _history(cfg.tracking.uri, run_id, "loss/total")] == list(range(1, STEPS + 1))  # none redone
     assert [s for s, _ in _history(cfg.tracking.uri, run_id, "dev/score")] == [8, 16, 24]  # step 8 evaluated on resume

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,8 +92,13 @@ def test_resume_continues_at_the_saved_step_in_the_same_mlflow_run(tmp_path, cac
                               "train.log_every=1", "train.eval_every=6"), log=lambda _: None)
     cfg = _cfg(tmp_path, cache_dir, "train.zero_stage=3", "train.steps=18", "train.checkpoint_every=6",
                "train.log_every=1", "train.eval_every=6")
+    began = time.monotonic()
     again = train_driver(cfg, resume=True, log=lambda _: None)
+    attempt = time.monotonic() - began
     assert again.run_id == first.run_id and again.run_name == first.run_name and again.steps == 18
+    # Its wall time counts the first attempt's workers up to the step-12 checkpoint it resumed from (no more
+    # than the first attempt took in all), not only its own.
+    assert attempt < again.wall_seconds < attempt + first.wall_seconds
 
     # Steps 1-12 logged by the first run, 13-18 by the resumed one: each exactly once.
     assert [s for s, _ in _history(cfg, again.run_id, "loss/total")] == list(range(1, 19))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -217,22 +218,25 @@ def run(command: str, *, spec: str = "jobs/configs/tune_default.yaml", samples: 
     samples, steps, report_every, grace, reduction = (values[k] for k in ("samples", "steps", "report_every", "grace", "reduction"))
     extra = rest
     tmp = Path(tempfile.mkdtemp(prefix="bench-tune-"))
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    common = [f"num_samples={samples}", f"report_every={report_every}", f"train.steps={steps}", "register_as=null",
-              "train.warmup_steps=4", f"train.storage_path={tmp / 'runs'}", f"tracking.uri={uri}", *(extra or [])]
-    full = _side(spec, ["scheduler=fifo", "name=bench-tune-full"], common, tmp / "full", tmp, uri)
-    print(f"full budget: best {full['best_score']:.2f} with {full['steps']} steps in {full['seconds']:.0f} s", flush=True)
-    asha = _side(spec, ["scheduler=asha", "name=bench-tune-asha", f"asha.grace_period={grace}",
-                        f"asha.reduction_factor={reduction}"], common, tmp / "asha", tmp, uri)
-    print(f"ASHA: best {asha['best_score']:.2f} with {asha['steps']} steps in {asha['seconds']:.0f} s", flush=True)
-    result = {"benchmark": "tune", "command": command, "machine": machine(), "spec": spec, "samples": samples,
-              "steps_per_trial": steps, "report_every": report_every, "grace_period": grace,
-              "reduction_factor": reduction, "overrides": common, "full": full, "asha": asha,
-              "score_ratio": asha["best_score"] / full["best_score"], "steps_ratio": asha["steps"] / full["steps"]}
-    result["rung_correlation"] = rung_correlation(full["trials"], grace, reduction, steps)
-    result["fixed_costs"] = {side: fixed_cost_summary(r["trials"]) for side, r in (("full", full), ("asha", asha))}
-    analyse(result)
-    return result, markdown(result)
+    try:
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        common = [f"num_samples={samples}", f"report_every={report_every}", f"train.steps={steps}", "register_as=null",
+                  "train.warmup_steps=4", f"train.storage_path={tmp / 'runs'}", f"tracking.uri={uri}", *(extra or [])]
+        full = _side(spec, ["scheduler=fifo", "name=bench-tune-full"], common, tmp / "full", tmp, uri)
+        print(f"full budget: best {full['best_score']:.2f} with {full['steps']} steps in {full['seconds']:.0f} s", flush=True)
+        asha = _side(spec, ["scheduler=asha", "name=bench-tune-asha", f"asha.grace_period={grace}",
+                            f"asha.reduction_factor={reduction}"], common, tmp / "asha", tmp, uri)
+        print(f"ASHA: best {asha['best_score']:.2f} with {asha['steps']} steps in {asha['seconds']:.0f} s", flush=True)
+        result = {"benchmark": "tune", "command": command, "machine": machine(), "spec": spec, "samples": samples,
+                  "steps_per_trial": steps, "report_every": report_every, "grace_period": grace,
+                  "reduction_factor": reduction, "overrides": common, "full": full, "asha": asha,
+                  "score_ratio": asha["best_score"] / full["best_score"], "steps_ratio": asha["steps"] / full["steps"]}
+        result["rung_correlation"] = rung_correlation(full["trials"], grace, reduction, steps)
+        result["fixed_costs"] = {side: fixed_cost_summary(r["trials"]) for side, r in (("full", full), ("asha", asha))}
+        analyse(result)
+        return result, markdown(result)
+    finally:  # the trials' checkpoints and MLflow store: gigabytes once the result is written
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def analyse(result: dict) -> dict:
@@ -313,27 +317,30 @@ def run_cost(command: str, *, spec: str = "jobs/configs/tune_default.yaml", samp
     Tune starting each trial's process and driver)."""
     spec = str((ROOT / spec).resolve())
     tmp = Path(tempfile.mkdtemp(prefix="bench-tune-cost-"))
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    common = [f"num_samples={samples}", f"report_every={report_every}", f"train.steps={steps}", "register_as=null",
-              "train.warmup_steps=4", f"train.storage_path={tmp / 'runs'}", f"tracking.uri={uri}", *(extra or [])]
-    sides: dict[str, list[dict]] = {name: [] for name in COST_SIDES}
-    for rep in range(repeats):
-        for i, (name, overrides) in enumerate(COST_SIDES.items()):
-            label = f"bench-tune-cost-{i}-{rep}"
-            r = _side(spec, ["scheduler=fifo", f"name={label}"], common + [o.format(report_every=report_every)
-                                                                            for o in overrides], tmp / label, tmp, uri)
-            run_s = sum(t["costs"].get("run_s", 0.0) for t in r["trials"])
-            r["between_trials_s"] = (r["seconds"] - run_s) / len(r["trials"])
-            sides[name].append(r)
-            print(f"{name} (repeat {rep + 1}): {r['seconds']:.0f} s for {len(r['trials'])} trials", flush=True)
-    result = {"benchmark": "tune_cost", "command": command, "machine": machine(), "spec": spec, "samples": samples,
-              "steps_per_trial": steps, "report_every": report_every, "repeats": repeats, "overrides": common,
-              "sides": {name: {"overrides": COST_SIDES[name], "runs": runs,
-                               "costs": fixed_cost_summary([t for r in runs for t in r["trials"]]),
-                               "between_trials_s": sum(r["between_trials_s"] for r in runs) / len(runs),
-                               "trial_wall_s": sum(r["seconds"] for r in runs) / sum(len(r["trials"]) for r in runs)}
-                        for name, runs in sides.items()}}
-    return result, cost_markdown(result)
+    try:
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        common = [f"num_samples={samples}", f"report_every={report_every}", f"train.steps={steps}", "register_as=null",
+                  "train.warmup_steps=4", f"train.storage_path={tmp / 'runs'}", f"tracking.uri={uri}", *(extra or [])]
+        sides: dict[str, list[dict]] = {name: [] for name in COST_SIDES}
+        for rep in range(repeats):
+            for i, (name, overrides) in enumerate(COST_SIDES.items()):
+                label = f"bench-tune-cost-{i}-{rep}"
+                r = _side(spec, ["scheduler=fifo", f"name={label}"], common + [o.format(report_every=report_every)
+                                                                                for o in overrides], tmp / label, tmp, uri)
+                run_s = sum(t["costs"].get("run_s", 0.0) for t in r["trials"])
+                r["between_trials_s"] = (r["seconds"] - run_s) / len(r["trials"])
+                sides[name].append(r)
+                print(f"{name} (repeat {rep + 1}): {r['seconds']:.0f} s for {len(r['trials'])} trials", flush=True)
+        result = {"benchmark": "tune_cost", "command": command, "machine": machine(), "spec": spec, "samples": samples,
+                  "steps_per_trial": steps, "report_every": report_every, "repeats": repeats, "overrides": common,
+                  "sides": {name: {"overrides": COST_SIDES[name], "runs": runs,
+                                   "costs": fixed_cost_summary([t for r in runs for t in r["trials"]]),
+                                   "between_trials_s": sum(r["between_trials_s"] for r in runs) / len(runs),
+                                   "trial_wall_s": sum(r["seconds"] for r in runs) / sum(len(r["trials"]) for r in runs)}
+                            for name, runs in sides.items()}}
+        return result, cost_markdown(result)
+    finally:  # the trials' checkpoints and MLflow store: gigabytes once the result is written
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cost_markdown(r: dict) -> str:

@@ -50,7 +50,7 @@ class TrainResult:
     steps: int
     best_score: float
     dev_metrics: dict[str, dict[str, float]]
-    wall_seconds: float
+    wall_seconds: float  # this attempt's, plus what earlier attempts ran up to the checkpoint it resumed from
     tracking_uri: str
     task_steps: dict[str, int] = field(default_factory=dict)  # optimizer steps the sampler gave each task
     extra: dict[str, Any] = field(default_factory=dict)
@@ -336,5 +336,6 @@ def train_driver(cfg: Config, *, resume: bool | str = False, config_path: str | 
     record["result"] = {"steps": steps, "best_score": best, "dev_metrics": dev_metrics, "task_steps": task_steps}
     RunDir(run_dir).write_record(record)
     mlrun.finish(run_dir, log, step=steps)
-    return TrainResult(run_name, run_dir, run_id, steps, best, dev_metrics, time.monotonic() - start, uri,
+    earlier = (result.metrics or {}).get("time/earlier_s", 0.0)
+    return TrainResult(run_name, run_dir, run_id, steps, best, dev_metrics, time.monotonic() - start + earlier, uri,
                        task_steps=task_steps)

@@ -259,6 +259,8 @@ class TrainState:
     pending_eval: bool = False  # the step's evaluation failed: a resume evaluates it first
     taken: set[str] = field(default_factory=set)  # checkpoint folder names that exist (a restart redoes their steps)
     warnings: list[str] = field(default_factory=list)  # checkpoint fallbacks, shown on the MLflow run
+    earlier_s: float = 0.0  # wall seconds earlier attempts' workers ran, up to the checkpoint this one resumed from
+    began: float = field(default_factory=time.time)  # when this attempt's worker started
 
 
 def build_engine(cfg: Config, job: WorkerJob, world: int):
@@ -332,6 +334,7 @@ def restore(engine, sampler: TaskSampler, weighting, rank: int, run_id: str | No
         weighting.load_state_dict(client["weighting"])
     state.step, state.best_score = client["step"], client["best_score"]
     state.pending_eval = client.get("pending_eval", False)
+    state.earlier_s = client.get("run_s", 0.0)  # checkpoints from before it was recorded: unknown, 0
     state.run_id = client["run_id"] or run_id  # keep logging into the same MLflow run
     torch.set_rng_state(client["torch_rng"])
     if rank == 0:
@@ -393,8 +396,10 @@ class DevEvaluation:
 
 def progress_report(state: TrainState, sampler: TaskSampler, weighting, metrics: dict[str, float]) -> dict[str, float]:
     """What every `ray.train.report` carries (what Tune's schedulers decide on and the driver's result holds):
-    the step, the best score, each task's steps, weight and ratio, and the dev metrics when there are any."""
+    the step, the best score, the seconds earlier attempts ran (a resumed run's wall time counts them), each
+    task's steps, weight and ratio, and the dev metrics when there are any."""
     return {"step": state.step, "best_score": state.best_score, "time/reported_at": time.time(),
+            "time/earlier_s": state.earlier_s,
             **{f"steps/{t}": c for t, c in sampler.counts.items()},
             **{f"weight/{t}": w for t, w in weighting.weights().items()},  # Tune's TensorBoard files show them too
             **{f"ratio/{t}": r for t, r in sampler.ratios().items()},
@@ -412,7 +417,7 @@ def save_checkpoint(engine, state: TrainState, sampler: TaskSampler, weighting, 
     folder = tempfile.mkdtemp(prefix="mtl-ckpt-")
     client = {"step": state.step, "sampler": sampler.state_dict(), "best_score": state.best_score,
               "run_id": state.run_id, "torch_rng": torch.get_rng_state(), "weighting": weighting.state_dict(),
-              "pending_eval": state.pending_eval}
+              "pending_eval": state.pending_eval, "run_s": state.earlier_s + time.time() - state.began}
     # With adapters the frozen base is not saved: the checkpoint holds what trains, the base is rebuilt
     # from its reference (model.name) on restore.
     engine.save_checkpoint(folder, tag=DS_TAG, client_state=client, exclude_frozen_parameters=frozen_base(engine))
@@ -457,6 +462,7 @@ class Worker:
         self.schedule = lr_lambda(train.schedule, train.warmup_steps, train.steps)
         self.sampler = TaskSampler(job.mixture, self.cfg.seed)
         self.state = restore(self.engine, self.sampler, self.weighting, self.rank, job.run_id, job.progress)
+        self.state.began = began
         stamps.append(time.time())
         self.tracker = RunLogger(job.tracking_uri, self.state.run_id, job.run_dir) if self.rank == 0 else None
         if self.tracker is not None and self.state.warnings:  # a checkpoint fallback stays visible on the run
