@@ -164,6 +164,12 @@ def test_benchmark_spreads_the_global_batch_over_its_processes():
     assert one.train.profile and two.train.profile and one.train.steps == cfg.train.steps
 
 
+def test_benchmark_phase_times_per_1000_tokens():
+    from pipeline.benchmarks.train import PHASES, ms_per_k_tokens
+    per_k = ms_per_k_tokens({"phases_s": {"forward": 0.5, "comm": 0.1}, "measured_tokens": 2000})
+    assert per_k == {**dict.fromkeys(PHASES, 0.0), "forward": 250.0, "comm": 50.0}  # 0.5 s over 2 × 1,000 tokens
+
+
 @pytest.mark.slow  # a benchmark's own check; benchmarks are run by hand (jobs/benchmark.py) and their results committed
 def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}

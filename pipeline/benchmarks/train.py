@@ -142,6 +142,11 @@ def _mfu(flops_token: float, tokens_per_s: float, gpus: int) -> float | None:
 RATIOS = ("ratio", "ray_ratio", "deepspeed_ratio")
 
 
+def ms_per_k_tokens(side: dict) -> dict[str, float]:
+    """A side's phase times (`phases_s`, over its measured windows) as wall-clock ms per 1,000 tokens."""
+    return {p: 1000 * 1000 * side["phases_s"].get(p, 0.0) / side["measured_tokens"] for p in PHASES + ("comm",)}
+
+
 def workload(cfg) -> tuple[dict, dict[str, float], dict[str, float]]:
     """What every side trains on, as the job computes it: (prepared tasks, sampling ratios, loss weights)."""
     from pipeline.data.preprocess import prepare_tasks

@@ -16,7 +16,7 @@ from statistics import median
 
 
 def main(config: str, workers: int, pairs: int, out: Path, overrides: list[str]) -> None:
-    from pipeline.benchmarks.train import PHASES, job_side, per_process
+    from pipeline.benchmarks.train import job_side, ms_per_k_tokens, per_process
     from pipeline.config import load_config
     from pipeline.runtime import init_ray
 
@@ -27,10 +27,9 @@ def main(config: str, workers: int, pairs: int, out: Path, overrides: list[str])
         got = {}
         for mode in ("auto", "streaming") if pair % 2 == 0 else ("streaming", "auto"):
             side = job_side(base.model_copy(update={"train": base.train.model_copy(update={"ingest": mode})}))
-            k_tokens = side["measured_tokens"] / 1000
             rec = {"pair": pair, "ingest": mode, "workers": workers, "tokens_per_s": side["tokens_per_s"],
                    "cpu_use": side["cpu_use"], "wall_s": side["wall_s"],
-                   "ms_per_k": {p: 1000 * side["phases_s"].get(p, 0.0) / k_tokens for p in PHASES + ("comm",)},
+                   "ms_per_k": ms_per_k_tokens(side),
                    "t": time.strftime("%H:%M:%S")}
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -18,7 +18,7 @@ from pathlib import Path
 def main(config: str, workers: int, out: Path, label: str, overrides: list[str]) -> None:
     import ray
 
-    from pipeline.benchmarks.train import PHASES, job_side, per_process
+    from pipeline.benchmarks.train import job_side, ms_per_k_tokens, per_process
     from pipeline.config import load_config
     from pipeline.runtime import init_ray
 
@@ -27,11 +27,10 @@ def main(config: str, workers: int, out: Path, label: str, overrides: list[str])
     cfg = per_process(load_config(config, overrides), workers)
     started = time.strftime("%H:%M:%S")
     side = job_side(cfg)
-    k_tokens = side["measured_tokens"] / 1000
     rec = {"label": label, "workers": workers, "placement": cfg.train.placement, "ray_nodes_cpus": nodes,
            "tokens_per_s": side["tokens_per_s"], "windows": side["windows"],
            "steps_per_s": cfg.train.log_every * len(side["windows"]) / side["measured_s"], "cpu_use": side["cpu_use"],
-           "wall_s": side["wall_s"], "ms_per_k": {p: 1000 * side["phases_s"].get(p, 0.0) / k_tokens for p in PHASES + ("comm",)},
+           "wall_s": side["wall_s"], "ms_per_k": ms_per_k_tokens(side),
            "started": started, "overrides": overrides}
     with out.open("a") as f:
         f.write(json.dumps(rec) + "\n")

@@ -24,7 +24,7 @@ VARIANTS = {
 
 
 def main(config: str, processes: int, variants: list[str], out: Path) -> None:
-    from pipeline.benchmarks.train import PHASES, per_process, plain_loop, torchrun_side, workload
+    from pipeline.benchmarks.train import ms_per_k_tokens, per_process, plain_loop, torchrun_side, workload
     from pipeline.config import load_config
 
     base = per_process(load_config(config, []), processes)
@@ -44,9 +44,8 @@ def main(config: str, processes: int, variants: list[str], out: Path) -> None:
                 with out.open("a") as f:
                     f.write(json.dumps(rec | {"t": time.strftime("%H:%M:%S")}) + "\n")
                 continue
-        k_tokens = side["measured_tokens"] / 1000
         rec = {"variant": name, "processes": processes, "tokens_per_s": side["tokens_per_s"], "cpu_use": side["cpu_use"],
-               "ms_per_k": {p: 1000 * side["phases_s"].get(p, 0.0) / k_tokens for p in PHASES + ("comm",)},
+               "ms_per_k": ms_per_k_tokens(side),
                "t": time.strftime("%H:%M:%S")}
         print(json.dumps(rec), flush=True)
         with out.open("a") as f:
