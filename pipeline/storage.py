@@ -85,6 +85,14 @@ def remove(location: str | os.PathLike) -> None:
         fs.delete_file(path)
 
 
+def remove_dir(location: str | os.PathLike) -> None:
+    """Delete a folder and everything in it (no error when it is already gone)."""
+    import pyarrow.fs as pafs
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def make_dirs(location: str | os.PathLike) -> None:
     fs, path = filesystem(location)
     fs.create_dir(path, recursive=True)

@@ -32,6 +32,9 @@ def test_storage_round_trip(tmp_path, as_uri):
     assert copied.exists() != as_uri  # a temporary copy is removed, the local folder itself is not
     assert [n for n, _ in storage.subdirs(base)] == ["r1"]
     assert not [p for p in (tmp_path / "runs" / "r1").iterdir() if ".tmp-" in p.name]  # no temp file left
+    storage.remove_dir(storage.join(base, "r1"))  # a run folder, removed with its contents
+    assert not (tmp_path / "runs" / "r1").exists() and storage.subdirs(base) == []
+    storage.remove_dir(storage.join(base, "r1"))  # already gone: no error
 
 
 @pytest.mark.parametrize("as_uri", [False, True], ids=["folder", "file-uri"])

@@ -184,6 +184,7 @@ def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
     assert run["plain"]["tokens_per_s"] > 0 and run["job"]["tokens_per_s"] > 0 and run["zero_stage"] == 2
     assert result["placement"] == "PACK" and sum(result["ray_nodes_cpus"]) >= 2  # the cluster the job side ran on
     assert len(run["repeats"]) == 2  # the row's three sides ran twice; its ratios are medians with their range
+    assert not list((tmp_path / "runs").iterdir())  # each job run's folder (checkpoint, models) is removed once read
     for key in ("ratio", "ray_ratio", "deepspeed_ratio"):
         values = [r[key] for r in run["repeats"]]
         assert run[key] == pytest.approx(sum(values) / 2) and run["range"][key] == [min(values), max(values)]

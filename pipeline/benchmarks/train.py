@@ -107,9 +107,19 @@ def torchrun_side(cfg, prepared, weights) -> dict[str, Any]:
 
 
 def job_side(cfg) -> dict[str, Any]:
-    from pipeline.tracking import metric_history, run_metrics
+    """One run of the job; its run folder (checkpoint, best and final model: hundreds of MB) is removed once
+    its numbers are read, so repeated benchmark runs do not fill `train.storage_path`."""
+    from pipeline import storage
     from pipeline.train.driver import train_driver
     result = train_driver(cfg, log=lambda _: None)
+    try:
+        return _job_numbers(cfg, result)
+    finally:
+        storage.remove_dir(result.run_dir)
+
+
+def _job_numbers(cfg, result) -> dict[str, Any]:
+    from pipeline.tracking import metric_history, run_metrics
 
     def series(key: str) -> list[float]:
         return [v for _, v in metric_history(result.tracking_uri, result.run_id, key)]
