@@ -1,0 +1,84 @@
+"""The training benchmark's job side alone, four variants in rounds whose order rotates (default, switch, idle,
+both, then switch, idle, both, default, ...), to see whether Ray's processes beside the training worker cost it
+throughput on a machine whose every core trains:
+
+- `idle`: every Ray process but the training worker (raylet, GCS, dashboard, Ray Train's and Ray Data's helper
+  actors, pooled workers) is switched to SCHED_IDLE while the job runs, so their wake-ups no longer preempt the
+  training threads (re-applied every 0.2 s; the training worker is put back to SCHED_OTHER if it was set while
+  still a pooled worker);
+- `switch`: the worker's `sys.setswitchinterval(0.1)` (Python's default is 0.005 s), so the actor's main thread,
+  which Ray wakes every 10 ms to check signals, forces the GIL from the training thread less often. This
+  variant needs a temporary two-line patch to `Worker.__init__` that reads /tmp/mtl_switch (see the results'
+  README); without it `switch` runs as `default`;
+- `both`.
+
+    python tests/bench/tools/helpers_ab.py jobs/configs/bench_train_short.yaml 1 4 OUT.jsonl data.glue_dir=GLUE
+"""
+import json, os, sys, threading, time
+from pathlib import Path
+
+def idle_others(stop):
+    done = set()
+    while not stop.is_set():
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit(): continue
+            try:
+                cmd = open(f"/proc/{pid}/cmdline").read()
+            except OSError: continue
+            if int(pid) == os.getpid(): continue
+            if cmd.startswith("ray::RayTrainWorker"):  # it may have been set idle while it was a pooled ray::IDLE
+                try:
+                    for tid in os.listdir(f"/proc/{pid}/task"):
+                        try:
+                            if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE:
+                                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+                        except OSError: pass
+                except OSError: pass
+                continue
+            if not (cmd.startswith("ray::") or "ray" in cmd.split("\0")[0] or "/ray/" in cmd or "ray-dashboard" in cmd): continue
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    if (pid, tid) in done: continue
+                    try:
+                        os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0)); done.add((pid, tid))
+                    except OSError: pass
+            except OSError: pass
+        stop.wait(0.2)
+
+def main(config, workers, rounds, out, overrides):
+    from pipeline.benchmarks.train import job_side, ms_per_k_tokens, per_process
+    from pipeline.config import load_config
+    from pipeline.runtime import init_ray
+    init_ray()
+    cfg = per_process(load_config(config, overrides), workers)
+    variants = ["default", "switch", "idle", "both"]
+    for r in range(rounds):
+        order = variants[r % 4:] + variants[:r % 4]
+        for v in order:
+            if v in ("switch", "both"): open("/tmp/mtl_switch", "w").write("0.1")
+            elif os.path.exists("/tmp/mtl_switch"): os.remove("/tmp/mtl_switch")
+            stop = threading.Event(); th = None
+            if v in ("idle", "both"):
+                th = threading.Thread(target=idle_others, args=(stop,), daemon=True); th.start()
+            side = job_side(cfg)
+            stop.set()
+            if th: th.join()
+            # back to normal for the next run
+            for pid in os.listdir("/proc"):
+                if pid.isdigit():
+                    try:
+                        for tid in os.listdir(f"/proc/{pid}/task"):
+                            try:
+                                if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE:
+                                    os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
+                            except OSError: pass
+                    except OSError: pass
+            rec = {"round": r, "variant": v, "tokens_per_s": side["tokens_per_s"], "cpu_use": side["cpu_use"],
+                   "steps_per_s": cfg.train.log_every * len(side["windows"]) / side["measured_s"],
+                   "ms_per_k": ms_per_k_tokens(side), "t": time.strftime("%H:%M:%S")}
+            with open(out, "a") as f: f.write(json.dumps(rec) + "\n")
+            print(r, v, round(side["tokens_per_s"]), flush=True)
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:])
