@@ -17,33 +17,50 @@ throughput on a machine whose every core trains:
 import json, os, sys, threading, time
 from pathlib import Path
 
-def idle_others(stop):
+def _threads(pid: str) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:  # the process has exited
+        return []
+
+
+def _unidle(pid: str) -> None:
+    """Every thread of `pid` that is SCHED_IDLE back to SCHED_OTHER."""
+    for tid in _threads(pid):
+        try:
+            if os.sched_getscheduler(tid) == os.SCHED_IDLE:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError:
+            pass
+
+
+def _is_ray(cmd: str) -> bool:
+    return cmd.startswith("ray::") or "ray" in cmd.split("\0")[0] or "/ray/" in cmd or "ray-dashboard" in cmd
+
+
+def idle_others(stop: threading.Event) -> None:
+    """Until `stop`: every Ray process but the training worker SCHED_IDLE, rescanned every 0.2 s."""
     done = set()
     while not stop.is_set():
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit(): continue
+        for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 cmd = open(f"/proc/{pid}/cmdline").read()
-            except OSError: continue
-            if int(pid) == os.getpid(): continue
-            if cmd.startswith("ray::RayTrainWorker"):  # it may have been set idle while it was a pooled ray::IDLE
-                try:
-                    for tid in os.listdir(f"/proc/{pid}/task"):
-                        try:
-                            if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE:
-                                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
-                        except OSError: pass
-                except OSError: pass
+            except OSError:
                 continue
-            if not (cmd.startswith("ray::") or "ray" in cmd.split("\0")[0] or "/ray/" in cmd or "ray-dashboard" in cmd): continue
-            try:
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    if (pid, tid) in done: continue
+            if int(pid) == os.getpid() or not _is_ray(cmd):
+                continue
+            if cmd.startswith("ray::RayTrainWorker"):  # it may have been set idle while it was a pooled ray::IDLE
+                _unidle(pid)
+                continue
+            for tid in _threads(pid):
+                if (pid, tid) not in done:
                     try:
-                        os.sched_setscheduler(int(tid), os.SCHED_IDLE, os.sched_param(0)); done.add((pid, tid))
-                    except OSError: pass
-            except OSError: pass
+                        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+                        done.add((pid, tid))
+                    except OSError:
+                        pass
         stop.wait(0.2)
+
 
 def main(config, workers, rounds, out, overrides):
     from pipeline.benchmarks.train import job_side, ms_per_k_tokens, per_process
@@ -63,16 +80,8 @@ def main(config, workers, rounds, out, overrides):
             side = job_side(cfg)
             stop.set()
             if th: th.join()
-            # back to normal for the next run
-            for pid in os.listdir("/proc"):
-                if pid.isdigit():
-                    try:
-                        for tid in os.listdir(f"/proc/{pid}/task"):
-                            try:
-                                if os.sched_getscheduler(int(tid)) == os.SCHED_IDLE:
-                                    os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
-                            except OSError: pass
-                    except OSError: pass
+            for pid in filter(str.isdigit, os.listdir("/proc")):  # back to normal for the next run
+                _unidle(pid)
             rec = {"round": r, "variant": v, "tokens_per_s": side["tokens_per_s"], "cpu_use": side["cpu_use"],
                    "steps_per_s": cfg.train.log_every * len(side["windows"]) / side["measured_s"],
                    "ms_per_k": ms_per_k_tokens(side), "t": time.strftime("%H:%M:%S")}
