@@ -9,13 +9,15 @@ throughput on a machine whose every core trains:
 - `switch`: the worker's `sys.setswitchinterval(0.1)` (Python's default is 0.005 s), so the actor's main thread,
   which Ray wakes every 10 ms to check signals, forces the GIL from the training thread less often. This
   variant needs a temporary two-line patch to `Worker.__init__` that reads /tmp/mtl_switch (see the results'
-  README); without it `switch` runs as `default`;
+  README); the tool refuses to start without it;
 - `both`.
 
     python tests/bench/tools/helpers_ab.py jobs/configs/bench_train_short.yaml 1 4 OUT.jsonl data.glue_dir=GLUE
 """
 import json, os, sys, threading, time
 from pathlib import Path
+
+from threads import is_ray  # tests/bench/tools/threads.py: what counts as a Ray process
 
 def _threads(pid: str) -> list[int]:
     try:
@@ -34,10 +36,6 @@ def _unidle(pid: str) -> None:
             pass
 
 
-def _is_ray(cmd: str) -> bool:
-    return cmd.startswith("ray::") or "ray" in cmd.split("\0")[0] or "/ray/" in cmd or "ray-dashboard" in cmd
-
-
 def idle_others(stop: threading.Event) -> None:
     """Until `stop`: every Ray process but the training worker SCHED_IDLE, rescanned every 0.2 s."""
     done = set()
@@ -47,7 +45,7 @@ def idle_others(stop: threading.Event) -> None:
                 cmd = open(f"/proc/{pid}/cmdline").read()
             except OSError:
                 continue
-            if int(pid) == os.getpid() or not _is_ray(cmd):
+            if int(pid) == os.getpid() or not is_ray(cmd):
                 continue
             if cmd.startswith("ray::RayTrainWorker"):  # it may have been set idle while it was a pooled ray::IDLE
                 _unidle(pid)
@@ -66,6 +64,11 @@ def main(config, workers, rounds, out, overrides):
     from pipeline.benchmarks.train import job_side, ms_per_k_tokens, per_process
     from pipeline.config import load_config
     from pipeline.runtime import init_ray
+    patched = "/tmp/mtl_switch" in (Path(__file__).resolve().parents[3] / "pipeline/train/loop.py").read_text()
+    if not patched:
+        sys.exit("error: the `switch` and `both` variants need the two-line patch to Worker.__init__ shown in "
+                 "tests/bench/results/train_helpers_ab/README.md — fix: apply it to the working tree first "
+                 "(without it those variants would silently run as `default`)")
     init_ray()
     cfg = per_process(load_config(config, overrides), workers)
     variants = ["default", "switch", "idle", "both"]
