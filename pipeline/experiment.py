@@ -87,10 +87,13 @@ def _new_tuner(trainable, space: dict, spec, base, storage: str, concurrent: int
 
     from pipeline.tuning import METRIC, MODE, TIME_ATTR, baseline_point, trial_run_name
 
-    first = [baseline_point(spec, base)] if spec.baseline and spec.search != "grid" else None
+    first = [baseline_point(spec, base)] if spec.baseline and spec.search != "grid" else []
     if first:
         log("trial 1 is the training config's own values: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float)
                                                                         else f"{k}={v}" for k, v in first[0].items()))
+    if spec.points_to_evaluate:
+        log(f"then {len(spec.points_to_evaluate)} given configurations (points_to_evaluate), before the search's own")
+    first = [*first, *(dict(p) for p in spec.points_to_evaluate)] or None
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
         search_alg = OptunaSearch(seed=spec.seed, points_to_evaluate=first)

@@ -22,6 +22,8 @@ A tune spec (YAML, strict like the training config) names a training config and 
         ratios: {low: 0.05, high: 1}                 # per task, explicit trials only; normalised to sum to 1
       lr: {low: 2e-5, high: 2e-4, log: true}
       weighting: [static, gradcos]
+    points_to_evaluate:                 # optional: tried first (after the baseline), e.g. an earlier trial's config
+      - {weight.sst2: 2.0, weight.cola: 0.5, sampling.strategy: temperature, sampling.temperature: 3.0}
 
 A dimension is a list (a categorical; a grid axis with `search: grid`) or a range {low, high, log}.
 Each trial trains through `train_driver` (a Tune function trainable that fits a TorchTrainer, the
@@ -159,6 +161,11 @@ class TuneSpec(Strict):
     baseline: bool = True
     """Make the first trial the training config's own values (e.g. equal weights), so every
     experiment scores its starting point side by side with what the search finds."""
+    points_to_evaluate: list[dict[str, Any]] = []
+    """Configurations tried first (after the baseline), in order, each replacing one of num_samples: dicts in
+    param-space keys (`weight.<task>`, `ratio.<task>`, `sampling.strategy`, `sampling.temperature`, `train.lr`,
+    ...; a trial's `config` in trials.json). Keys left out are sampled. E.g. to rerun an earlier experiment's best
+    trials under another scheduler. Not with search: grid."""
     confirm: ConfirmSpec | None = None
     """After the search, retrain the top-k trials' configs and the training config's own values with several
     seeds; the winner must beat the own values beyond noise (paired by seed) to become best_config.yaml and
@@ -225,11 +232,40 @@ def _check(spec: TuneSpec, base: Config) -> None:
                                 "set model.adapter in the training config (e.g. model.adapter={r: 8}), or drop adapter_r"))
     if spec.space.adapter_r is not None and any(r < 1 for r in spec.space.adapter_r):
         problems.append(Problem("space.adapter_r", f"{spec.space.adapter_r} holds a rank below 1", "use ranks >= 1"))
+    problems += _point_problems(spec, base)
     if len(base.tasks) < 2 and (spec.space.weights or spec.space.sampling.ratios):
         problems.append(Problem("space.weights", "searching task balance needs at least two tasks",
                                 "add tasks to the training config"))
     if problems:
         raise PipelineError(problems)
+
+
+def _point_problems(spec: TuneSpec, base: Config) -> list[Problem]:
+    """Each given point: searched keys only, every value inside its dimension; room for all of them in num_samples."""
+    if not spec.points_to_evaluate:
+        return []
+    if spec.search == "grid":
+        return [Problem("points_to_evaluate", "is given, but search: grid tries every grid point itself",
+                        "use search: random or optuna, or drop points_to_evaluate")]
+    problems, dims = [], dict(_dims(spec, base))
+    for i, point in enumerate(spec.points_to_evaluate):
+        for key, value in point.items():
+            dim = dims.get(key)
+            if dim is None:
+                problems.append(Problem(f"points_to_evaluate[{i}].{key}", "is not a searched key",
+                                        f"use one of {', '.join(dims) or '(nothing is searched)'}"))
+            elif isinstance(dim, Range) and not (isinstance(value, (int, float)) and dim.low <= value <= dim.high):
+                problems.append(Problem(f"points_to_evaluate[{i}].{key}", f"{value!r} is outside its range "
+                                        f"[{dim.low:g}, {dim.high:g}]", "use a value inside the searched range"))
+            elif isinstance(dim, list) and value not in dim:
+                problems.append(Problem(f"points_to_evaluate[{i}].{key}", f"{value!r} is not one of {dim}",
+                                        "use one of the searched values"))
+    first = len(spec.points_to_evaluate) + int(spec.baseline)
+    if spec.num_samples < first:
+        problems.append(Problem("num_samples", f"{spec.num_samples} is fewer than the {first} configurations tried first "
+                                f"({len(spec.points_to_evaluate)} points_to_evaluate" + (" and the baseline)" if spec.baseline else ")"),
+                                f"use num_samples={first} or more"))
+    return problems
 
 
 def _dims(spec: TuneSpec, base: Config) -> list[tuple[str, Dim]]:

@@ -59,6 +59,10 @@ def test_replay_asha_stops_what_ray_tunes_asha_stops():
     # over random orders: t1 (the best, 70) survives whenever it runs first, and then finds 100%
     w = grid[0]
     assert 60 / 70 < w["orders_score_ratio"] < 1 and 0 < w["orders_at_98"] < 1
+    # the steps' share over orders: the first trial always runs all 40 steps and every other one at least 5
+    assert 55 / 160 <= w["orders_steps_min"] <= w["orders_steps_ratio"] <= w["orders_steps_max"] <= 1
+    assert w["orders_steps_min"] < w["orders_steps_max"]
+    assert tune.shuffled_order(trials, 3) == tune.shuffled_order(trials, 3) != tune.shuffled_order(trials, 4)
     first = tune.replay_asha([trials[1], trials[0], trials[2], trials[3]], steps=40, grace=5, reduction=2)
     assert first["ran"]["t_00001"] == 40 and first["best_score"] == 70
 

@@ -125,6 +125,27 @@ def test_bad_specs_name_the_key_and_the_fix(tmp_path, cache_dir):
     assert str(err.value.problems[0]).startswith("train.steps:")
 
 
+def test_points_to_evaluate_are_checked_against_the_space(tmp_path, cache_dir):
+    good = {"weight.rotten_tomatoes": 3.0, "sampling.strategy": "explicit", "ratio.bbc_news": 0.5}
+    spec, base = load_tune_spec(_write_spec(tmp_path, cache_dir, points_to_evaluate=[good]))
+    assert spec.points_to_evaluate == [good]
+    bad = [good, {"weight.rotten_tomatoes": 9.0, "sampling.strategy": "uniform", "lr": 0.1}]
+    with pytest.raises(PipelineError) as err:
+        load_tune_spec(_write_spec(tmp_path, cache_dir, points_to_evaluate=bad, num_samples=2))
+    lines = [str(p) for p in err.value.problems]
+    assert any(l.startswith("points_to_evaluate[1].weight.rotten_tomatoes: 9.0 is outside its range [0.25, 4]")
+               for l in lines), lines
+    assert any(l.startswith("points_to_evaluate[1].sampling.strategy: 'uniform' is not one of") for l in lines), lines
+    assert any(l.startswith("points_to_evaluate[1].lr: is not a searched key") and "weight.bbc_news" in l
+               for l in lines), lines
+    assert any(l.startswith("num_samples: 2 is fewer than the 3 configurations tried first") and "num_samples=3" in l
+               for l in lines), lines
+    assert len(lines) == 4, lines
+    with pytest.raises(PipelineError) as err:
+        load_tune_spec(_write_spec(tmp_path, cache_dir, points_to_evaluate=[good]), ["search=grid"])
+    assert any(str(p).startswith("points_to_evaluate: is given, but search: grid") for p in err.value.problems)
+
+
 def _children(uri: str, parent_run_id: str):
     from mlflow.tracking import MlflowClient
     client = MlflowClient(uri)
@@ -137,7 +158,10 @@ def test_two_trial_experiment_tracks_parent_and_children_and_writes_the_best_con
     """The default tier's real Tune run (the killed-and-resumed ASHA experiment below is the slow tier's):
     2 trials of 10 steps, FIFO, through the job: trials.json, best_config.yaml, an MLflow parent with two
     nested children carrying their normalised weights and ratios, the best model registered as challenger."""
-    path = _write_spec(tmp_path, cache_dir, num_samples=2, scheduler="fifo", report_every=5, checkpoint_every=10)
+    given = {"weight.rotten_tomatoes": 3.0, "weight.bbc_news": 1.0, "sampling.strategy": "explicit",
+             "ratio.rotten_tomatoes": 0.2, "ratio.bbc_news": 0.6}  # trial 2: after the baseline, instead of a sample
+    path = _write_spec(tmp_path, cache_dir, num_samples=2, scheduler="fifo", report_every=5, checkpoint_every=10,
+                       points_to_evaluate=[given])
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(path), "--out", str(out), "train.steps=10"]
@@ -146,6 +170,12 @@ def test_two_trial_experiment_tracks_parent_and_children_and_writes_the_best_con
     summary = json.loads((out / "trials.json").read_text())
     trials = summary["trials"]
     assert len(trials) == 2 and all(t["status"] == "finished" and t["steps"] == 10 for t in trials), trials
+    assert [t["baseline"] for t in trials] == [True, False], trials
+    config = trials[1]["config"]  # the given values, and the key left out sampled
+    assert {k: config[k] for k in given} == given and 1.0 <= config.pop("sampling.temperature") <= 8.0, config
+    assert config == given
+    assert trials[1]["weights"] == {"rotten_tomatoes": 1.5, "bbc_news": 0.5}
+    assert trials[1]["ratios"] == pytest.approx({"rotten_tomatoes": 0.25, "bbc_news": 0.75}, abs=1e-4)
     for t in trials:
         assert sum(t["weights"].values()) == pytest.approx(2.0, abs=1e-4)
         assert sum(t["ratios"].values()) == pytest.approx(1.0, abs=1e-4)
@@ -243,6 +273,12 @@ def test_asha_experiment_killed_resumed_tracked_and_reproducible(tmp_path, cache
     # so a stop is not required; a stopped trial must have stopped early and be closed as KILLED below.
     assert all(t["steps"] < 30 for t in trials if t["status"] == "stopped (ASHA)")
     stopped = {t["run_name"] for t in trials if t["status"] == "stopped (ASHA)"}
+    assert [t["baseline"] for t in trials] == [True, False], trials
+    config = trials[1]["config"]  # the given values, and the key left out sampled
+    assert {k: config[k] for k in given} == given and 1.0 <= config.pop("sampling.temperature") <= 8.0, config
+    assert config == given
+    assert trials[1]["weights"] == {"rotten_tomatoes": 1.5, "bbc_news": 0.5}
+    assert trials[1]["ratios"] == pytest.approx({"rotten_tomatoes": 0.25, "bbc_news": 0.75}, abs=1e-4)
     for t in trials:
         assert sum(t["weights"].values()) == pytest.approx(2.0, abs=1e-4)
         assert sum(t["ratios"].values()) == pytest.approx(1.0, abs=1e-4)

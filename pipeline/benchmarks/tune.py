@@ -39,6 +39,7 @@ def _side(spec: str, scheduler: list[str], overrides: list[str], out: Path, home
     return {"seconds": seconds, "steps": sum(t["steps"] for t in trials), "best_score": best["best_score"],
             "best_trial": best["trial"], "trials": [{**{k: t[k] for k in ("trial", "status", "steps", "best_score",
                                                                           "weights", "ratios", "baseline")},
+                                                     "config": t.get("config"),  # the trial's param-space values
                                                      "dev_scores": history.get(t["run_name"], {}),
                                                      "costs": fixed_costs(tracking_uri, t["run_id"])} for t in trials]}
 
@@ -172,6 +173,12 @@ def replay_asha(trials: list[dict], steps: int, grace: int, reduction: int) -> d
             "best_score": max(best.values()), "ran": ran}
 
 
+def shuffled_order(trials: list[dict], seed: int) -> list[dict]:
+    """One of `what_if`'s random arrival orders (seed = its `seed` + the order's index)."""
+    import random
+    return random.Random(seed).sample(trials, len(trials))
+
+
 def what_if(trials: list[dict], steps: int, graces: tuple[int, ...] = (5, 10, 15, 20, 25, 30),
             reductions: tuple[int, ...] = (2, 3, 4), orders: int = 200, seed: int = 0) -> list[dict]:
     """ASHA replayed over a grid of grace periods and reduction factors on the full side's curves: the
@@ -179,9 +186,8 @@ def what_if(trials: list[dict], steps: int, graces: tuple[int, ...] = (5, 10, 15
     the order the trials actually ran and averaged over `orders` random orders (seeded). The first trial
     to reach a rung always passes it, so one order can flatter a setting: the random orders show what it
     finds when the best configuration is not the first to run."""
-    import random
     full_best, full_steps = max(t["best_score"] for t in trials), sum(t["steps"] for t in trials)
-    shuffles = [random.Random(seed + i).sample(trials, len(trials)) for i in range(orders)]
+    shuffles = [shuffled_order(trials, seed + i) for i in range(orders)]
     rows = []
     for g in graces:
         if g >= steps:
@@ -193,7 +199,9 @@ def what_if(trials: list[dict], steps: int, graces: tuple[int, ...] = (5, 10, 15
             rows.append({**r, "score_ratio": r["best_score"] / full_best, "steps_ratio": r["steps"] / full_steps,
                          "orders": orders, "orders_score_ratio": sum(shares) / orders,
                          "orders_at_98": sum(x >= 0.98 for x in shares) / orders,
-                         "orders_steps_ratio": sum(x["steps"] for x in shuffled) / orders / full_steps})
+                         "orders_steps_ratio": sum(x["steps"] for x in shuffled) / orders / full_steps,
+                         "orders_steps_min": min(x["steps"] for x in shuffled) / full_steps,
+                         "orders_steps_max": max(x["steps"] for x in shuffled) / full_steps})
     return rows
 
 

@@ -3,6 +3,7 @@ benchmark's settings, then Ray Tune's ASHAScheduler replayed over all the curves
 
     python tests/bench/tools/tune_more.py run tests/bench/results/tune.json OUT_DIR SEED [SEED ...]
     python tests/bench/tools/tune_more.py analyse tests/bench/results/tune.json OUT_DIR OUT.md
+    python tests/bench/tools/tune_more.py asha tests/bench/results/tune.json OUT_DIR ORDER
 
 `run`: for each SEED, `jobs/tune.py` with the benchmark's full-budget side's overrides (steps, reports, tasks,
 warm-up), `scheduler=fifo seed=SEED baseline=false num_samples=6`: six more random configurations of the same
@@ -13,6 +14,12 @@ exists is skipped, so an interrupted series resumes where it stopped (commit eac
 the other settings below) replayed over them (`pipeline.benchmarks.tune.replay_asha`: training is seeded and
 deterministic, and its replay of the benchmark's real ASHA side agreed with it trial by trial) in the order
 they ran and in 200 random orders: the share of the full-budget best it finds and the share of the steps.
+
+`asha`: a real ASHA experiment (grace 15 / reduction 3) over the same configurations, in `what_if`'s random order
+ORDER (`shuffled_order`): every curve's trial config is regenerated from its series' search seed (and checked
+against the weights and ratios it recorded), given to `jobs/tune.py` as `points_to_evaluate` in that order, and the
+real experiment's steps per trial are set beside the replay's prediction for the same order. Written to
+OUT_DIR/asha_orderORDER.json; an interrupted experiment resumes (`--resume`) from OUT_DIR/asha-work.
 """
 import json
 import re
@@ -55,15 +62,8 @@ def run(bench: Path, out_dir: Path, seeds: list[int]) -> None:
 def analyse(bench: Path, out_dir: Path, out: Path) -> None:
     from pipeline.benchmarks.tune import replay_asha, what_if
 
-    result = json.loads(bench.read_text())
+    result, curves, files = _curves(bench, out_dir)
     steps = result["steps_per_trial"]
-    curves = list(result["full"]["trials"])
-    files = sorted(out_dir.glob("seed*.json"), key=lambda p: int(p.stem[4:]))
-    for f in files:
-        curves += json.loads(f.read_text())["trials"]
-    short = [t["trial"] for t in curves if t["steps"] != steps]
-    if short:
-        sys.exit(f"error: trials {short} did not run the full {steps} steps — fix: rerun their seed")
     top = max(t["best_score"] for t in curves)
     command = re.sub(r" --out \S+", "", result["command"])
     lines = ["# ASHA over a larger search: full-budget curves, ASHA replayed", "",
@@ -79,24 +79,107 @@ def analyse(bench: Path, out_dir: Path, out: Path) -> None:
     for grace, rf in SETTINGS:
         order = replay_asha(curves, steps, grace, rf)
         (w,) = what_if(curves, steps, graces=(grace,), reductions=(rf,), orders=200)
-        shares = [replay_asha(o, steps, grace, rf)["steps"] / (len(curves) * steps) for o in _orders(curves, 200)]
         lines.append(f"| {grace} | {rf} | {100 * order['best_score'] / top:.1f}% / {100 * order['steps'] / (len(curves) * steps):.1f}% | "
                      f"{100 * w['orders_score_ratio']:.2f}% | {100 * w['orders_at_98']:.0f}% | "
-                     f"{100 * w['orders_steps_ratio']:.1f}% ({100 * min(shares):.0f}-{100 * max(shares):.0f}%) |")
+                     f"{100 * w['orders_steps_ratio']:.1f}% ({100 * w['orders_steps_min']:.0f}-{100 * w['orders_steps_max']:.0f}%) |")
         print(lines[-1], flush=True)
     out.write_text("\n".join(lines) + "\n")
 
 
-def _orders(curves: list[dict], n: int, seed: int = 0) -> list[list[dict]]:
-    import random
-    return [random.Random(seed + i).sample(curves, len(curves)) for i in range(n)]  # what_if's own orders
+
+
+def _curves(bench: Path, out_dir: Path) -> tuple[dict, list[dict], list[Path]]:
+    """The benchmark's result, every full-budget curve (the benchmark's, then each seed file's), the seed files."""
+    result = json.loads(bench.read_text())
+    steps = result["steps_per_trial"]
+    curves = list(result["full"]["trials"])
+    files = sorted(out_dir.glob("seed*.json"), key=lambda p: int(p.stem[4:]))
+    for f in files:
+        curves += json.loads(f.read_text())["trials"]
+    short = [t["trial"] for t in curves if t["steps"] != steps]
+    if short:
+        sys.exit(f"error: trials {short} did not run the full {steps} steps — fix: rerun their seed")
+    return result, curves, files
+
+
+def _configs(result: dict, files: list[Path], spec_path: str, common: list[str]) -> list[dict]:
+    """Each curve's trial config (param-space values), regenerated: Tune's BasicVariantGenerator with the seed
+    and sample count each series ran with (the benchmark's seed 0 with the baseline first; `run`'s seeds without),
+    checked against the normalised weights and explicit ratios each trial recorded."""
+    from ray.tune.experiment import Experiment
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from pipeline.tuning import baseline_point, load_tune_spec, param_space, trial_config
+    spec, base = load_tune_spec(spec_path, common)
+    space = param_space(spec, base)
+    series = [(0, result["full"]["trials"], True)] + [(json.loads(f.read_text())["seed"], json.loads(f.read_text())["trials"], False)
+                                                      for f in files]
+    configs = []
+    for seed, trials, baseline in series:
+        gen = BasicVariantGenerator(random_state=seed, points_to_evaluate=[baseline_point(spec, base)] if baseline else None)
+        gen.add_configurations([Experiment("regenerate", run=lambda c: None, config=space, num_samples=len(trials))])
+        for t in trials:
+            config = gen.next_trial().config
+            cfg = trial_config(base, config, spec)
+            if any(abs(cfg.tasks[k].weight - w) > 1e-4 or cfg.tasks[k].ratio is not None and abs(cfg.tasks[k].ratio - t["ratios"][k]) > 1e-4
+                   for k, w in t["weights"].items()):
+                sys.exit(f"error: trial {t['trial']} (seed {seed}) does not match its regenerated config {config} — "
+                         "fix: the search space or Ray Tune's sampling changed since the curves ran; rerun `run`")
+            configs.append(config)
+    return configs
+
+
+def asha(bench: Path, out_dir: Path, order: int, grace: int = 15, rf: int = 3) -> None:
+    """A real ASHA experiment over the same configurations in what_if's random order ORDER, beside the replay's
+    prediction for that order, trial by trial. Resumable: its Tune experiment lives in OUT_DIR/asha-work."""
+    from pipeline.benchmarks.tune import _side, replay_asha, shuffled_order
+
+    result, curves, files = _curves(bench, out_dir)
+    steps = result["steps_per_trial"]
+    common = [o for o in result["overrides"] if o.startswith(KEEP)]
+    spec = str(ROOT / "jobs" / "configs" / Path(result["spec"]).name)
+    configs = _configs(result, files, spec, [o for o in common if not o.startswith("register_as=")])
+    by_trial = {t["trial"]: c for t, c in zip(curves, configs)}
+    arrival = shuffled_order(curves, order)
+    predicted = replay_asha(arrival, steps, grace, rf)
+    dest = out_dir / f"asha_order{order}.json"
+    work = out_dir / "asha-work"
+    resume = ["--resume"] if (work / "runs" / f"bench-tune-more-asha{order}").exists() else []
+    print(f"{len(arrival)} configurations in order {order}; the replay predicts {predicted['steps']} steps "
+          f"({100 * predicted['steps'] / (len(arrival) * steps):.1f}%), best {predicted['best_score']:.2f}"
+          + (" — resuming" if resume else ""), flush=True)
+    points = json.dumps([by_trial[t["trial"]] for t in arrival])
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    work.mkdir(parents=True, exist_ok=True)
+    side = _side(spec, [*resume, "scheduler=asha", f"asha.grace_period={grace}", f"asha.reduction_factor={rf}",
+                        f"name=bench-tune-more-asha{order}", "baseline=false", f"num_samples={len(arrival)}",
+                        f"points_to_evaluate={points}"],
+                 common + [f"train.storage_path={work / 'runs'}", f"tracking.uri={uri}"], work / "out", work, uri)
+    real = sorted(side["trials"], key=lambda t: t["trial"])  # trial ids _00000... follow the points' order
+    rows = [{"position": i, "curve": c["trial"], "trial": r["trial"], "predicted_steps": predicted["ran"][c["trial"]],
+             "steps": r["steps"], "full_budget_best": c["best_score"], "best_score": r["best_score"]}
+            for i, (c, r) in enumerate(zip(arrival, real))]
+    full_best = max(t["best_score"] for t in curves)
+    dest.write_text(json.dumps({
+        "order": order, "grace_period": grace, "reduction_factor": rf, "overrides": common, "spec": Path(spec).name,
+        "seconds": side["seconds"], "steps": side["steps"], "steps_ratio": side["steps"] / (len(curves) * steps),
+        "best_score": side["best_score"], "score_ratio": side["best_score"] / full_best, "full_budget_best": full_best,
+        "predicted": {"steps": predicted["steps"], "best_score": predicted["best_score"]},
+        "agree": all(r["steps"] == r["predicted_steps"] for r in rows), "trials": rows,
+        "costs": [t["costs"] for t in real]}, indent=1))
+    print(f"real ASHA: {side['steps']} steps ({100 * side['steps'] / (len(curves) * steps):.1f}%), best "
+          f"{side['best_score']:.2f} ({100 * side['best_score'] / full_best:.2f}% of {full_best:.2f}), "
+          f"{side['seconds'] / 60:.1f} min; replay agrees trial by trial: "
+          f"{all(r['steps'] == r['predicted_steps'] for r in rows)} -> {dest}", flush=True)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    if len(sys.argv) < 5 or sys.argv[1] not in ("run", "analyse"):
+    if len(sys.argv) < 5 or sys.argv[1] not in ("run", "analyse", "asha"):
         sys.exit(__doc__)
-    if sys.argv[1] == "run":
+    if sys.argv[1] == "asha":
+        asha(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1] == "run":
         run(Path(sys.argv[2]), Path(sys.argv[3]), [int(s) for s in sys.argv[4:]])
     else:
         analyse(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
