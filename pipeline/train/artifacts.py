@@ -38,7 +38,8 @@ def replace_folder(local: str, dest: str) -> None:
     copy is only removed once the new one is complete."""
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(dest) if "://" in dest else (pafs.LocalFileSystem(), dest)
+    from pipeline.storage import filesystem
+    fs, path = filesystem(dest)
     tmp, old = f"{path}.tmp", f"{path}.old"
     for p in (tmp, old):
         if fs.get_file_info(p).type != pafs.FileType.NotFound:
