@@ -38,7 +38,7 @@ def run(bench: Path, out_dir: Path, seeds: list[int]) -> None:
     from pipeline.benchmarks.tune import _side
 
     result = json.loads(bench.read_text())
-    common = [o for o in result["overrides"] if o.startswith(KEEP)] + [f"num_samples={PER_SEED}"]
+    keep = [o for o in result["overrides"] if o.startswith(KEEP)]
     spec = str(ROOT / "jobs" / "configs" / Path(result["spec"]).name)
     out_dir.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
@@ -46,10 +46,14 @@ def run(bench: Path, out_dir: Path, seeds: list[int]) -> None:
         if dest.exists():
             print(f"seed {seed}: done already ({dest})", flush=True)
             continue
+        # seed 0 is the benchmark's own series (its search seed, the baseline first, its sample count): its
+        # configurations again, trained by the code of this run
+        own = seed == 0
+        common = keep + [f"num_samples={result['samples'] if own else PER_SEED}"]
         tmp = Path(tempfile.mkdtemp(prefix="bench-tune-more-"))
         try:
             uri = f"sqlite:///{tmp / 'mlflow.db'}"
-            side = _side(spec, ["scheduler=fifo", f"name=bench-tune-more-{seed}", f"seed={seed}", "baseline=false"],
+            side = _side(spec, ["scheduler=fifo", f"name=bench-tune-more-{seed}", f"seed={seed}", f"baseline={str(own).lower()}"],
                          common + [f"train.storage_path={tmp / 'runs'}", f"tracking.uri={uri}"], tmp / "out", tmp, uri)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -92,8 +96,9 @@ def _curves(bench: Path, out_dir: Path) -> tuple[dict, list[dict], list[Path]]:
     """The benchmark's result, every full-budget curve (the benchmark's, then each seed file's), the seed files."""
     result = json.loads(bench.read_text())
     steps = result["steps_per_trial"]
-    curves = list(result["full"]["trials"])
     files = sorted(out_dir.glob("seed*.json"), key=lambda p: int(p.stem[4:]))
+    # seed0.json, when measured, replaces the benchmark's own curves (the same configurations, this code)
+    curves = [] if any(f.stem == "seed0" for f in files) else list(result["full"]["trials"])
     for f in files:
         curves += json.loads(f.read_text())["trials"]
     short = [t["trial"] for t in curves if t["steps"] != steps]
@@ -112,11 +117,11 @@ def _configs(result: dict, files: list[Path], spec_path: str, common: list[str])
     from pipeline.tuning import baseline_point, load_tune_spec, param_space, trial_config
     spec, base = load_tune_spec(spec_path, common)
     space = param_space(spec, base)
-    series = [(0, result["full"]["trials"], True)] + [(json.loads(f.read_text())["seed"], json.loads(f.read_text())["trials"], False)
-                                                      for f in files]
+    series = [] if any(f.stem == "seed0" for f in files) else [(0, result["full"]["trials"])]
+    series += [(json.loads(f.read_text())["seed"], json.loads(f.read_text())["trials"]) for f in files]
     configs = []
-    for seed, trials, baseline in series:
-        gen = BasicVariantGenerator(random_state=seed, points_to_evaluate=[baseline_point(spec, base)] if baseline else None)
+    for seed, trials in series:  # seed 0, the benchmark's series, starts with the baseline
+        gen = BasicVariantGenerator(random_state=seed, points_to_evaluate=[baseline_point(spec, base)] if seed == 0 else None)
         gen.add_configurations([Experiment("regenerate", run=lambda c: None, config=space, num_samples=len(trials))])
         for t in trials:
             config = gen.next_trial().config
