@@ -162,7 +162,8 @@ def asha(bench: Path, out_dir: Path, order: int, grace: int = 15, rf: int = 3) -
                  common + [f"train.storage_path={work / 'runs'}", f"tracking.uri={uri}"], work / "out", work, uri)
     real = sorted(side["trials"], key=lambda t: t["trial"])  # trial ids _00000... follow the points' order
     rows = [{"position": i, "curve": c["trial"], "trial": r["trial"], "predicted_steps": predicted["ran"][c["trial"]],
-             "steps": r["steps"], "full_budget_best": c["best_score"], "best_score": r["best_score"]}
+             "steps": r["steps"], "full_budget_best": c["best_score"], "best_score": r["best_score"],
+             "dev_scores": r["dev_scores"]}
             for i, (c, r) in enumerate(zip(arrival, real))]
     full_best = max(t["best_score"] for t in curves)
     dest.write_text(json.dumps({
