@@ -8,12 +8,16 @@ benchmark's settings, then Ray Tune's ASHAScheduler replayed over all the curves
 `run`: for each SEED, `jobs/tune.py` with the benchmark's full-budget side's overrides (steps, reports, tasks,
 warm-up), `scheduler=fifo seed=SEED baseline=false num_samples=6`: six more random configurations of the same
 search space, each to the full budget, written to OUT_DIR/seedSEED.json when its Tune run ends. A seed whose file
-exists is skipped, so an interrupted series resumes where it stopped (commit each file as it lands).
+exists is skipped, so an interrupted series resumes where it stopped (commit each file as it lands). SEED 0 is the
+benchmark's own series (its search seed, the baseline first, its sample count): the benchmark's configurations
+trained by the current code; its seed0.json then replaces the benchmark's curves below (curves measured by older
+code need not reproduce: the data order changed with `train.ingest: auto`).
 
 `analyse`: the benchmark's full-budget curves plus every OUT_DIR/seed*.json; ASHA (grace 15 / reduction 3, and
 the other settings below) replayed over them (`pipeline.benchmarks.tune.replay_asha`: training is seeded and
 deterministic, and its replay of the benchmark's real ASHA side agreed with it trial by trial) in the order
-they ran and in 200 random orders: the share of the full-budget best it finds and the share of the steps.
+they ran and in 200 random orders: the share of the full-budget best it finds and the share of the steps; and each
+real ASHA experiment in OUT_DIR (asha_order*.json) beside the replay of its order, trial by trial.
 
 `asha`: a real ASHA experiment (grace 15 / reduction 3) over the same configurations, in `what_if`'s random order
 ORDER (`shuffled_order`): every curve's trial config is regenerated from its series' search seed (and checked
@@ -70,13 +74,16 @@ def analyse(bench: Path, out_dir: Path, out: Path) -> None:
     steps = result["steps_per_trial"]
     top = max(t["best_score"] for t in curves)
     command = re.sub(r" --out \S+", "", result["command"])
+    own = any(f.stem == "seed0" for f in files)
     lines = ["# ASHA over a larger search: full-budget curves, ASHA replayed", "",
-             f"Curves: the {len(result['full']['trials'])} full-budget trials of `{bench.name}` (`{command}`) and "
-             f"{len(curves) - len(result['full']['trials'])} more configurations of the same search space run the same "
-             f"way ({', '.join(f.name for f in files)}: `tests/bench/tools/tune_more.py run`, {PER_SEED} per seed, "
-             f"`scheduler=fifo baseline=false`): {len(curves)} configurations, {steps} steps each, a dev evaluation every "
-             f"{result['report_every']}. Best full-budget score {top:.2f}; {sum(t['best_score'] >= 0.98 * top for t in curves)} "
-             f"configurations reach 98% of it.", "",
+             ("Curves: " if own else f"Curves: the {len(result['full']['trials'])} full-budget trials of `{bench.name}` (`{command}`) and ")
+             + f"{len(curves) if own else len(curves) - len(result['full']['trials'])} configurations of "
+             f"{'the search space of `' + bench.name + '` (`' + command + '`)' if own else 'the same search space'}, each run to the "
+             f"full budget with `tests/bench/tools/tune_more.py run` ({', '.join(f.name for f in files)}; `scheduler=fifo`; "
+             + ("seed 0 is the benchmark's own series: its search seed, the baseline first, its 9 configurations; "
+                if own else "") + f"the other seeds {PER_SEED} configurations each, `baseline=false`): {len(curves)} configurations, "
+             f"{steps} steps each, a dev evaluation every {result['report_every']}. Best full-budget score {top:.2f}; "
+             f"{sum(t['best_score'] >= 0.98 * top for t in curves)} configurations reach 98% of it.", "",
              "| grace period | reduction factor | in the order they ran: share of the best / of the steps | "
              "200 random orders: mean share of the best | orders reaching 98% | mean share of the steps (min-max) |",
              "|---:|---:|---|---:|---:|---|"]
@@ -87,7 +94,30 @@ def analyse(bench: Path, out_dir: Path, out: Path) -> None:
                      f"{100 * w['orders_score_ratio']:.2f}% | {100 * w['orders_at_98']:.0f}% | "
                      f"{100 * w['orders_steps_ratio']:.1f}% ({100 * w['orders_steps_min']:.0f}-{100 * w['orders_steps_max']:.0f}%) |")
         print(lines[-1], flush=True)
+    for real_file in sorted(out_dir.glob("asha_order*.json")):
+        lines += [""] + _real_vs_replay(json.loads(real_file.read_text()), curves, steps, top, real_file.name)
+        print("\n".join(lines[-4:]), flush=True)
     out.write_text("\n".join(lines) + "\n")
+
+
+def _real_vs_replay(real: dict, curves: list[dict], steps: int, top: float, name: str) -> list[str]:
+    """A real ASHA experiment (`asha`) beside ASHA replayed over the current curves in the same order: trial by
+    trial, the steps each ran and the dev scores it reported against the curve's."""
+    from pipeline.benchmarks.tune import replay_asha, shuffled_order
+
+    arrival = shuffled_order(curves, real["order"])
+    replay = replay_asha(arrival, steps, real["grace_period"], real["reduction_factor"])
+    same_steps = sum(replay["ran"][c["trial"]] == t["steps"] for c, t in zip(arrival, real["trials"]))
+    same_scores = sum(all(abs(v - c["dev_scores"][k]) < 1e-9 for k, v in t["dev_scores"].items())
+                      for c, t in zip(arrival, real["trials"]))
+    total = len(curves) * steps
+    return [f"Real ASHA experiment `{name}` (`tune_more.py asha`, grace {real['grace_period']} / reduction "
+            f"{real['reduction_factor']}, {len(real['trials'])} trials in `what_if`'s random order {real['order']}, "
+            f"{real['seconds'] / 60:.1f} min): {real['steps']} steps (**{100 * real['steps'] / total:.1f}%**), best "
+            f"{real['best_score']:.2f} (**{100 * real['best_score'] / top:.2f}%** of the full-budget best {top:.2f}). "
+            f"ASHA replayed over these curves in the same order: {replay['steps']} steps ({100 * replay['steps'] / total:.1f}%), "
+            f"best {replay['best_score']:.2f}. Trial by trial: {same_steps} of {len(real['trials'])} ran the steps the replay "
+            f"gives, and {same_scores} reported exactly the dev scores of their curve."]
 
 
 
