@@ -158,7 +158,7 @@ def trial_rows(grid, spec, base, parent=None) -> list[dict]:
             "config": result.config,
         })
         if child is not None:
-            parent.close_child(child, status)
+            parent.close_child(child, status, last.get("timestamp"))  # ended at its last result
     return rows
 
 

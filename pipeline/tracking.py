@@ -414,14 +414,18 @@ class TuneParent:
         runs = self.client.search_runs([experiment], f"tags.mlflow.parentRunId = '{self.run_id}'", max_results=10000)
         return {run.data.tags.get("mtl.run_name"): run for run in runs}
 
-    def close_child(self, child, status: str) -> None:
+    def close_child(self, child, status: str, end_time: float | None = None) -> None:
         """A trial the scheduler stopped is KILLED (its driver may have marked it FAILED), an errored one FAILED;
-        a finished trial whose run Tune stopped right after its last result, before it closed, FINISHED."""
+        a finished trial whose run Tune stopped right after its last result, before it closed, FINISHED. `end_time`
+        (epoch seconds: the trial's last result) is when such a run ended, not when the experiment closes it, so
+        its MLflow duration is the trial's."""
+        end_ms = int(end_time * 1000) if end_time else None
         if status != "finished":
             self.client.set_tag(child.info.run_id, "mtl.tune_status", status)
-            self.client.set_terminated(child.info.run_id, status="KILLED" if status.startswith("stopped") else "FAILED")
+            self.client.set_terminated(child.info.run_id, status="KILLED" if status.startswith("stopped") else "FAILED",
+                                       end_time=end_ms)
         elif child.info.status == "RUNNING":
-            self.client.set_terminated(child.info.run_id, status="FINISHED")
+            self.client.set_terminated(child.info.run_id, status="FINISHED", end_time=end_ms)
 
     def finish(self, files: list[Path], metrics: Mapping[str, float], tags: Mapping[str, str]) -> None:
         for path in files:
