@@ -23,7 +23,9 @@ real ASHA experiment in OUT_DIR (asha_order*.json) beside the replay of its orde
 ORDER (`shuffled_order`): every curve's trial config is regenerated from its series' search seed (and checked
 against the weights and ratios it recorded), given to `jobs/tune.py` as `points_to_evaluate` in that order, and the
 real experiment's steps per trial are set beside the replay's prediction for the same order. Written to
-OUT_DIR/asha_orderORDER.json; an interrupted experiment resumes (`--resume`) from OUT_DIR/asha-work.
+OUT_DIR/asha_orderORDER.json; an interrupted experiment resumes (`--resume`) from OUT_DIR/asha-work, which holds
+the trials' checkpoints (7.4 GB for the 27 trials here): use an OUT_DIR outside the repository (with copies of
+the seed files), copy the JSON in, and delete asha-work once the result is committed.
 """
 import json
 import re
