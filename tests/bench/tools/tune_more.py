@@ -150,7 +150,7 @@ def _configs(result: dict, files: list[Path], spec_path: str, common: list[str])
     spec, base = load_tune_spec(spec_path, common)
     space = param_space(spec, base)
     series = [] if any(f.stem == "seed0" for f in files) else [(0, result["full"]["trials"])]
-    series += [(json.loads(f.read_text())["seed"], json.loads(f.read_text())["trials"]) for f in files]
+    series += [(d["seed"], d["trials"]) for d in (json.loads(f.read_text()) for f in files)]
     configs = []
     for seed, trials in series:  # seed 0, the benchmark's series, starts with the baseline
         gen = BasicVariantGenerator(random_state=seed, points_to_evaluate=[baseline_point(spec, base)] if seed == 0 else None)
@@ -198,17 +198,18 @@ def asha(bench: Path, out_dir: Path, order: int, grace: int = 15, rf: int = 3) -
              "dev_scores": r["dev_scores"]}
             for i, (c, r) in enumerate(zip(arrival, real))]
     full_best = max(t["best_score"] for t in curves)
+    agree = all(r["steps"] == r["predicted_steps"] for r in rows)
     dest.write_text(json.dumps({
         "order": order, "grace_period": grace, "reduction_factor": rf, "overrides": common, "spec": Path(spec).name,
         "seconds": side["seconds"], "steps": side["steps"], "steps_ratio": side["steps"] / (len(curves) * steps),
         "best_score": side["best_score"], "score_ratio": side["best_score"] / full_best, "full_budget_best": full_best,
         "predicted": {"steps": predicted["steps"], "best_score": predicted["best_score"]},
-        "agree": all(r["steps"] == r["predicted_steps"] for r in rows), "trials": rows,
+        "agree": agree, "trials": rows,
         "costs": [t["costs"] for t in real]}, indent=1))
     print(f"real ASHA: {side['steps']} steps ({100 * side['steps'] / (len(curves) * steps):.1f}%), best "
           f"{side['best_score']:.2f} ({100 * side['best_score'] / full_best:.2f}% of {full_best:.2f}), "
           f"{side['seconds'] / 60:.1f} min; replay agrees trial by trial: "
-          f"{all(r['steps'] == r['predicted_steps'] for r in rows)} -> {dest}", flush=True)
+          f"{agree} -> {dest}", flush=True)
 
 
 if __name__ == "__main__":
