@@ -22,7 +22,10 @@ from pipeline.benchmarks import WORKER_GROUP_TEXT, cost_label, header, machine
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _side(spec: str, scheduler: list[str], overrides: list[str], out: Path, home: Path, tracking_uri: str) -> dict[str, Any]:
+def tune_side(spec: str, scheduler: list[str], overrides: list[str], out: Path, home: Path, tracking_uri: str) -> dict[str, Any]:
+    """One Tune experiment (`jobs/tune.py` in a subprocess, in `home`, results in `out`): its wall time, total
+    steps, best dev score and per-trial records (config, weights, ratios, dev scores by step, fixed costs from
+    MLflow). Fails with the experiment's output when it exits non-zero."""
     cmd = [sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", spec, "--out", str(out), *scheduler, *overrides]
     env = {**os.environ, "MTL_HOME": os.environ.get("MTL_HOME", str(Path.home() / ".cache" / "mtl-pipeline"))}
     env.pop("RAY_ADDRESS", None)
@@ -230,9 +233,9 @@ def run(command: str, *, spec: str = "jobs/configs/tune_default.yaml", samples: 
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         common = [f"num_samples={samples}", f"report_every={report_every}", f"train.steps={steps}", "register_as=null",
                   "train.warmup_steps=4", f"train.storage_path={tmp / 'runs'}", f"tracking.uri={uri}", *(extra or [])]
-        full = _side(spec, ["scheduler=fifo", "name=bench-tune-full"], common, tmp / "full", tmp, uri)
+        full = tune_side(spec, ["scheduler=fifo", "name=bench-tune-full"], common, tmp / "full", tmp, uri)
         print(f"full budget: best {full['best_score']:.2f} with {full['steps']} steps in {full['seconds']:.0f} s", flush=True)
-        asha = _side(spec, ["scheduler=asha", "name=bench-tune-asha", f"asha.grace_period={grace}",
+        asha = tune_side(spec, ["scheduler=asha", "name=bench-tune-asha", f"asha.grace_period={grace}",
                             f"asha.reduction_factor={reduction}"], common, tmp / "asha", tmp, uri)
         print(f"ASHA: best {asha['best_score']:.2f} with {asha['steps']} steps in {asha['seconds']:.0f} s", flush=True)
         result = {"benchmark": "tune", "command": command, "machine": machine(), "spec": spec, "samples": samples,
@@ -333,7 +336,7 @@ def run_cost(command: str, *, spec: str = "jobs/configs/tune_default.yaml", samp
         for rep in range(repeats):
             for i, (name, overrides) in enumerate(COST_SIDES.items()):
                 label = f"bench-tune-cost-{i}-{rep}"
-                r = _side(spec, ["scheduler=fifo", f"name={label}"], common + [o.format(report_every=report_every)
+                r = tune_side(spec, ["scheduler=fifo", f"name={label}"], common + [o.format(report_every=report_every)
                                                                                 for o in overrides], tmp / label, tmp, uri)
                 run_s = sum(t["costs"].get("run_s", 0.0) for t in r["trials"])
                 r["between_trials_s"] = (r["seconds"] - run_s) / len(r["trials"])

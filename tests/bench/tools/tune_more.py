@@ -41,7 +41,7 @@ KEEP = ("report_every=", "train.steps=", "train.warmup_steps=", "register_as=", 
 
 
 def run(bench: Path, out_dir: Path, seeds: list[int]) -> None:
-    from pipeline.benchmarks.tune import _side
+    from pipeline.benchmarks.tune import tune_side
 
     result = json.loads(bench.read_text())
     keep = [o for o in result["overrides"] if o.startswith(KEEP)]
@@ -59,7 +59,7 @@ def run(bench: Path, out_dir: Path, seeds: list[int]) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="bench-tune-more-"))
         try:
             uri = f"sqlite:///{tmp / 'mlflow.db'}"
-            side = _side(spec, ["scheduler=fifo", f"name=bench-tune-more-{seed}", f"seed={seed}", f"baseline={str(own).lower()}"],
+            side = tune_side(spec, ["scheduler=fifo", f"name=bench-tune-more-{seed}", f"seed={seed}", f"baseline={str(own).lower()}"],
                          common + [f"train.storage_path={tmp / 'runs'}", f"tracking.uri={uri}"], tmp / "out", tmp, uri)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -169,7 +169,7 @@ def _configs(result: dict, files: list[Path], spec_path: str, common: list[str])
 def asha(bench: Path, out_dir: Path, order: int, grace: int = 15, rf: int = 3) -> None:
     """A real ASHA experiment over the same configurations in what_if's random order ORDER, beside the replay's
     prediction for that order, trial by trial. Resumable: its Tune experiment lives in OUT_DIR/asha-work."""
-    from pipeline.benchmarks.tune import _side, replay_asha, shuffled_order
+    from pipeline.benchmarks.tune import tune_side, replay_asha, shuffled_order
 
     result, curves, files = _curves(bench, out_dir)
     steps = result["steps_per_trial"]
@@ -188,7 +188,7 @@ def asha(bench: Path, out_dir: Path, order: int, grace: int = 15, rf: int = 3) -
     points = json.dumps([by_trial[t["trial"]] for t in arrival])
     uri = f"sqlite:///{work / 'mlflow.db'}"
     work.mkdir(parents=True, exist_ok=True)
-    side = _side(spec, [*resume, "scheduler=asha", f"asha.grace_period={grace}", f"asha.reduction_factor={rf}",
+    side = tune_side(spec, [*resume, "scheduler=asha", f"asha.grace_period={grace}", f"asha.reduction_factor={rf}",
                         f"name=bench-tune-more-asha{order}", "baseline=false", f"num_samples={len(arrival)}",
                         f"points_to_evaluate={points}"],
                  common + [f"train.storage_path={work / 'runs'}", f"tracking.uri={uri}"], work / "out", work, uri)
