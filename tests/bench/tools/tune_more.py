@@ -86,6 +86,7 @@ def analyse(bench: Path, out_dir: Path, out: Path) -> None:
                 if own else "") + f"the other seeds {PER_SEED} configurations each, `baseline=false`): {len(curves)} configurations, "
              f"{steps} steps each, a dev evaluation every {result['report_every']}. Best full-budget score {top:.2f}; "
              f"{sum(t['best_score'] >= 0.98 * top for t in curves)} configurations reach 98% of it.", "",
+             _rung_spearman(curves), "",
              "| grace period | reduction factor | in the order they ran: share of the best / of the steps | "
              "200 random orders: mean share of the best | orders reaching 98% | mean share of the steps (min-max) |",
              "|---:|---:|---|---:|---:|---|"]
@@ -100,6 +101,18 @@ def analyse(bench: Path, out_dir: Path, out: Path) -> None:
         lines += [""] + _real_vs_replay(json.loads(real_file.read_text()), curves, steps, top, real_file.name)
         print("\n".join(lines[-4:]), flush=True)
     out.write_text("\n".join(lines) + "\n")
+
+
+def _rung_spearman(curves: list[dict]) -> str:
+    """Do rung scores predict the final one? Spearman's rank correlation, over the configurations, of the dev
+    score at each report with the best full-budget score."""
+    from scipy.stats import spearmanr
+    reports = sorted({int(s) for t in curves for s in t["dev_scores"]})
+    best = [t["best_score"] for t in curves]
+    rho = {s: spearmanr([t["dev_scores"].get(str(s), t["dev_scores"].get(s)) for t in curves], best).statistic
+           for s in reports}
+    return ("Rung scores against the full-budget best (Spearman over the configurations, by report step): "
+            + ", ".join(f"{s}: {r:+.2f}" for s, r in rho.items()) + ".")
 
 
 def _real_vs_replay(real: dict, curves: list[dict], steps: int, top: float, name: str) -> list[str]:
