@@ -218,7 +218,7 @@ def _shared_gradient_cases(cases: list[tuple[int, str]]) -> None:
 
         from pipeline.model.multitask import Head, build_model
         from pipeline.config import TrainConfig
-        from pipeline.train.loop import deepspeed_config, shared_gradient
+        from pipeline.train.loop import adamw, deepspeed_config, shared_gradient
 
         rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
         heads = [Head("cls", "classification", 2)]
@@ -241,8 +241,11 @@ def _shared_gradient_cases(cases: list[tuple[int, str]]) -> None:
             torch.manual_seed(0)
             model = build_model("tiny-bert", heads)
             shared = [p for _, p in model.shared_parameters()]
-            engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-                                              config=deepspeed_config(TrainConfig(**{**train, "zero_stage": stage, "precision": precision}), world))
+            cfg = TrainConfig(**{**train, "zero_stage": stage, "precision": precision})
+            engine, optimizer, *_ = deepspeed.initialize(model=model, optimizer=adamw(model.parameters(), cfg),
+                                                         config=deepspeed_config(cfg, world))
+            # the job's optimizer (fused AdamW by default) is the one DeepSpeed steps, wrapped or not
+            assert getattr(optimizer, "optimizer", optimizer).param_groups[0]["fused"] is True, f"stage {stage} {precision}"
             engine.eval()
             for micro, batch in enumerate(batches):
                 _, loss = engine(task="cls", **batch)

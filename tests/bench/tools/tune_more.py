@@ -13,7 +13,8 @@ benchmark's own series (its search seed, the baseline first, its sample count): 
 trained by the current code; its seed0.json then replaces the benchmark's curves below (curves measured by older
 code need not reproduce: the data order changed with `train.ingest: auto`).
 
-`analyse`: the benchmark's full-budget curves plus every OUT_DIR/seed*.json; ASHA (grace 15 / reduction 3, and
+`analyse`: the benchmark's full-budget curves plus every OUT_DIR/seed*.json; how well each rung's dev score
+predicts the full-budget best (Spearman over the configurations); ASHA (grace 15 / reduction 3, and
 the other settings below) replayed over them (`pipeline.benchmarks.tune.replay_asha`: training is seeded and
 deterministic, and its replay of the benchmark's real ASHA side agreed with it trial by trial) in the order
 they ran and in 200 random orders: the share of the full-budget best it finds and the share of the steps; and each
