@@ -267,6 +267,100 @@ def _shared_gradient_cases(cases: list[tuple[int, str]]) -> None:
     TorchTrainer(worker, scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5})).fit()
 
 
+def test_sparse_embedding_grads_apply_only_where_deepspeed_reduces_them_sparsely():
+    """`train.sparse_embedding_grads: auto` turns the word embedding sparse only at ZeRO-0, fp32, more than one
+    rank, on a trained embedding not tied to an LM head; `off` never does."""
+    from pipeline.config import TrainConfig
+    from pipeline.train.loop import sparse_embedding_grads
+
+    heads = [Head("cls", "classification", 2)]
+
+    def on(name="tiny-bert", world=2, freeze=False, **train):
+        model = build_model(name, heads)
+        if freeze:
+            model.backbone.get_input_embeddings().weight.requires_grad_(False)
+        result = sparse_embedding_grads(model, TrainConfig(**train), world)
+        assert model.backbone.get_input_embeddings().sparse is result
+        return result
+
+    assert on()
+    assert not on(world=1)
+    assert not on(zero_stage=1) and not on(zero_stage=3)
+    assert not on(precision="bf16")
+    assert not on(sparse_embedding_grads="off")
+    assert not on(freeze=True)
+    assert not on("tiny-llama")  # its LM head shares the embedding matrix: the gradient is dense anyway
+
+
+def test_sparse_embedding_gradient_gives_the_dense_update_on_two_ranks(ray_session):
+    """Two Ray workers, ZeRO-0, fp32, two accumulated micro-batches of different data per rank: with
+    `sparse_embedding_grads` the word embedding's gradient after backward is sparse (DeepSpeed gathered the
+    rows), `densify_grads` makes it the rank-averaged dense gradient, and three AdamW steps through the loop's
+    `train_step` leave every parameter where the dense all-reduce leaves it, on both ranks."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def worker(config):
+        import deepspeed
+        import ray.train
+        import torch
+        import torch.distributed as dist
+
+        from pipeline.config import TrainConfig
+        from pipeline.model.multitask import Head, build_model
+        from pipeline.train.loop import adamw, deepspeed_config, densify_grads, sparse_embedding_grads, train_step
+        from pipeline.train.weighting import make_weighting
+
+        rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+        heads = [Head("cls", "classification", 2)]
+        gen = torch.Generator().manual_seed(100 + rank)
+        batches = [{"input_ids": torch.randint(1000, 1100 + 900 * rank, (4, 6), generator=gen),
+                    "attention_mask": torch.ones(4, 6, dtype=torch.long),
+                    "labels": torch.randint(0, 2, (4,), generator=gen).float()} for _ in range(6)]
+        weighting = make_weighting("static", ["cls"], {"cls": 1.0}, {})
+
+        def run(mode):
+            cfg = TrainConfig(zero_stage=0, batch_size=4, grad_accum=2, lr=1e-2, weight_decay=0.01,
+                              sparse_embedding_grads=mode)
+            torch.manual_seed(0)
+            model = build_model("tiny-bert", heads)
+            sparse = sparse_embedding_grads(model, cfg, world)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=adamw(model.param_groups(cfg.lr, cfg.weight_decay, {"cls": 1.0}), cfg),
+                                              config=deepspeed_config(cfg, world))
+            engine.eval()
+            weight = model.backbone.get_input_embeddings().weight
+            for micro, batch in enumerate(batches[:2]):  # one step by hand, to see the gradient DeepSpeed left
+                _, loss = engine(task="cls", **batch)
+                engine.backward(loss)
+            left = weight.grad.is_sparse
+            densify_grads(engine.module)
+            grad = weight.grad.clone()
+            engine.step()
+            it = iter(batches[2:])
+            for _ in range(2):
+                train_step(engine, it, "cls", weighting, cfg.grad_accum)
+            return sparse, left, grad, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+        torch.manual_seed(0)
+        start = torch.cat([p.detach().flatten() for p in build_model("tiny-bert", heads).parameters()])
+
+        sparse, left_sparse, grad_s, params_s = run("auto")
+        dense, left_dense, grad_d, params_d = run("off")
+        assert sparse and left_sparse and not dense and not left_dense
+        assert not grad_s.is_sparse and torch.allclose(grad_s, grad_d, rtol=1e-5, atol=1e-8), (grad_s - grad_d).abs().max()
+        used = grad_d.abs().sum(1) > 0  # the rows some rank's batches used: rank 1 used more of them
+        assert 0 < used.sum() < 1000, used.sum()
+        # Adam divides by the gradient's running scale, so the two sums' rounding shows up to ~1e-6 after three
+        # steps of 1e-2; the steps themselves moved the weights by about 3e-2
+        assert torch.allclose(params_s, params_d, rtol=0, atol=1e-5), (params_s - params_d).abs().max()
+        assert (params_s - start).abs().max() > 1e-2
+        everyone = [torch.zeros_like(params_s) for _ in range(world)]
+        dist.all_gather(everyone, params_s)
+        assert all(torch.equal(p, params_s) for p in everyone), "ranks disagree"
+
+    TorchTrainer(worker, scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5})).fit()
+
+
 TINY = "{rotten_tomatoes: {max_rows: {train: 128, validation: 32}}, bbc_news: {max_rows: {train: 128, validation: 32}}}"
 
 

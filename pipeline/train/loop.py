@@ -132,6 +132,32 @@ def skip_single_rank_allreduce(engine, world: int, stage: int) -> None:
         engine.enable_backward_allreduce = False
 
 
+def sparse_embedding_grads(model, train: TrainConfig, world: int) -> bool:
+    """`train.sparse_embedding_grads`: with ZeRO-0, fp32 and more than one rank, the backbone's word embedding
+    gives torch's sparse gradient (the rows its batch used), which DeepSpeed's ZeRO-0 all-reduce gathers as
+    rows instead of reducing the whole matrix. The optimizer needs it dense again: `densify_grads`.
+    Not for an embedding tied to an output layer (its gradient is dense anyway) or a frozen one. True if on."""
+    if train.sparse_embedding_grads == "off" or world == 1 or train.zero_stage != 0 or train.precision != "fp32":
+        return False
+    embedding = model.backbone.get_input_embeddings()
+    output = model.backbone.get_output_embeddings()
+    if not isinstance(embedding, torch.nn.Embedding) or not embedding.weight.requires_grad:
+        return False
+    if output is not None and output.weight is embedding.weight:
+        return False
+    embedding.sparse = True
+    return True
+
+
+def densify_grads(module) -> None:
+    """Sparse gradients (`sparse_embedding_grads`, after DeepSpeed's sparse all-reduce) as dense ones, which
+    the optimizer, gradient clipping and loss weighting expect. Rows no batch used get zeros, as a dense
+    embedding gradient has them, so the update is the one the dense gradient would give."""
+    for p in module.parameters():
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.to_dense()
+
+
 def clear_stale_grads(optimizer) -> None:
     """ZeRO-3 keeps each parameter's reduced gradient in a flat partition buffer that `zero_grad`
     does not clear, and a backward only overwrites the slices of parameters it reached. A step trains
@@ -279,6 +305,7 @@ def build_engine(cfg: Config, job: WorkerJob, world: int):
         shared = None
     elif weighting.needs_grads:
         shared = [p for _, p in model.shared_parameters(train.shared_params)]
+    sparse_embedding_grads(model, train, world)
     head_mult = {t: (cfg.tasks[t].head_lr_mult or train.head_lr_mult) for t in job.tasks}
     groups = model.param_groups(train.lr, train.weight_decay, head_mult)
     optimizer = None if train.offload_optimizer else adamw(groups, train)
@@ -358,8 +385,10 @@ def train_step(engine, batches: Iterator[dict], task: str, weighting, grad_accum
         batch = next(batches)
         _, loss = engine(task=task, **batch)
         engine.backward(weighting.weighted_loss(task, loss))
-        if micro == grad_accum - 1 and at_boundary is not None:
-            at_boundary()
+        if micro == grad_accum - 1:
+            densify_grads(engine.module)
+            if at_boundary is not None:
+                at_boundary()
         engine.step()
         losses.append(loss.detach().item())
         tokens, samples = tokens + int(batch["attention_mask"].sum()), samples + len(batch["input_ids"])
