@@ -268,8 +268,8 @@ def _shared_gradient_cases(cases: list[tuple[int, str]]) -> None:
 
 
 def test_sparse_embedding_grads_apply_only_where_deepspeed_reduces_them_sparsely():
-    """`train.sparse_embedding_grads: auto` turns the word embedding sparse only at ZeRO-0, fp32, more than one
-    rank, on a trained embedding not tied to an LM head; `off` never does."""
+    """`train.sparse_embedding_grads` (default true) turns the word embedding sparse only at ZeRO-0, fp32, more
+    than one rank, on a trained embedding not tied to an LM head; false never does."""
     from pipeline.config import TrainConfig
     from pipeline.train.loop import sparse_embedding_grads
 
@@ -287,7 +287,7 @@ def test_sparse_embedding_grads_apply_only_where_deepspeed_reduces_them_sparsely
     assert not on(world=1)
     assert not on(zero_stage=1) and not on(zero_stage=3)
     assert not on(precision="bf16")
-    assert not on(sparse_embedding_grads="off")
+    assert not on(sparse_embedding_grads=False)
     assert not on(freeze=True)
     assert not on("tiny-llama")  # its LM head shares the embedding matrix: the gradient is dense anyway
 
@@ -344,8 +344,8 @@ def test_sparse_embedding_gradient_gives_the_dense_update_on_two_ranks(ray_sessi
         torch.manual_seed(0)
         start = torch.cat([p.detach().flatten() for p in build_model("tiny-bert", heads).parameters()])
 
-        sparse, left_sparse, grad_s, params_s = run("auto")
-        dense, left_dense, grad_d, params_d = run("off")
+        sparse, left_sparse, grad_s, params_s = run(True)
+        dense, left_dense, grad_d, params_d = run(False)
         assert sparse and left_sparse and not dense and not left_dense
         assert not grad_s.is_sparse and torch.allclose(grad_s, grad_d, rtol=1e-5, atol=1e-8), (grad_s - grad_d).abs().max()
         used = grad_d.abs().sum(1) > 0  # the rows some rank's batches used: rank 1 used more of them

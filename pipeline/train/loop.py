@@ -137,7 +137,7 @@ def sparse_embedding_grads(model, train: TrainConfig, world: int) -> bool:
     gives torch's sparse gradient (the rows its batch used), which DeepSpeed's ZeRO-0 all-reduce gathers as
     rows instead of reducing the whole matrix. The optimizer needs it dense again: `densify_grads`.
     Not for an embedding tied to an output layer (its gradient is dense anyway) or a frozen one. True if on."""
-    if train.sparse_embedding_grads == "off" or world == 1 or train.zero_stage != 0 or train.precision != "fp32":
+    if not train.sparse_embedding_grads or world == 1 or train.zero_stage != 0 or train.precision != "fp32":
         return False
     embedding = model.backbone.get_input_embeddings()
     output = model.backbone.get_output_embeddings()
