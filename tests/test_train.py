@@ -211,6 +211,7 @@ def test_train_benchmark_reports_both_sides(ray_session, tmp_path, cache_dir):
     assert sum(fixed[f"startup/{k}_s"] for k in ("worker_process", "imports", "backend")) == pytest.approx(
         fixed["startup/worker_group_s"], abs=1e-3)
     md = (tmp_path / "train.md").read_text()
+    assert "each ratio is to that run: 2 runs" in md  # every repeat's plain run is counted
     assert "The job's fixed cost by phase" in md and "| 2 | 2 | " in md.split("The job's fixed cost by phase")[1]
     low, high = run["range"]["ray_ratio"]
     assert f"**{run['ray_ratio']:.2f}×** ({low:.2f}–{high:.2f})" in md and "ran 2 times back to back" in md

@@ -246,7 +246,8 @@ def _spread(row: dict, key: str) -> str:
 
 def markdown(r: dict) -> str:
     plain = r["runs"][0]["plain"]
-    plains = [s["plain"]["tokens_per_s"] for s in r["runs"]]
+    plains = ([x["plain_tokens_per_s"] for s in r["runs"] for x in s.get("repeats", [])]  # every repeat's plain run
+              or [s["plain"]["tokens_per_s"] for s in r["runs"]])
     md = header("training throughput", r["command"], r["machine"]) + [
         f"Model `{r['model']}`, tasks {', '.join(r['tasks'])}; {r['steps']} steps, global batch {r['global_batch']}, "
         f"{r['total_cpus']:g} cores on each side.{_cluster(r)} Tokens/s: median of the {r['log_every']}-step windows after the first. "
