@@ -294,9 +294,10 @@ def test_sparse_embedding_grads_apply_only_where_deepspeed_reduces_them_sparsely
 
 def test_sparse_embedding_gradient_gives_the_dense_update_on_two_ranks(ray_session):
     """Two Ray workers, ZeRO-0, fp32, two accumulated micro-batches of different data per rank: with
-    `sparse_embedding_grads` the word embedding's gradient after backward is sparse (DeepSpeed gathered the
-    rows), `densify_grads` makes it the rank-averaged dense gradient, and three AdamW steps through the loop's
-    `train_step` leave every parameter where the dense all-reduce leaves it, on both ranks."""
+    `sparse_embedding_grads` the word embedding's gradient after the boundary's backward is sparse (DeepSpeed
+    gathered the rows) and `densify_grads` makes it the rank-averaged dense gradient, at every one of three
+    AdamW steps through the loop's `train_step` (the buffer reused); the weights end where the dense
+    all-reduce leaves them, on both ranks."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -308,7 +309,7 @@ def test_sparse_embedding_gradient_gives_the_dense_update_on_two_ranks(ray_sessi
 
         from pipeline.config import TrainConfig
         from pipeline.model.multitask import Head, build_model
-        from pipeline.train.loop import adamw, deepspeed_config, densify_grads, sparse_embedding_grads, train_step
+        from pipeline.train.loop import adamw, deepspeed_config, sparse_embedding_grads, train_step
         from pipeline.train.weighting import make_weighting
 
         rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
@@ -319,9 +320,9 @@ def test_sparse_embedding_gradient_gives_the_dense_update_on_two_ranks(ray_sessi
                     "labels": torch.randint(0, 2, (4,), generator=gen).float()} for _ in range(6)]
         weighting = make_weighting("static", ["cls"], {"cls": 1.0}, {})
 
-        def run(mode):
+        def run(flag):
             cfg = TrainConfig(zero_stage=0, batch_size=4, grad_accum=2, lr=1e-2, weight_decay=0.01,
-                              sparse_embedding_grads=mode)
+                              sparse_embedding_grads=flag)
             torch.manual_seed(0)
             model = build_model("tiny-bert", heads)
             sparse = sparse_embedding_grads(model, cfg, world)
@@ -329,30 +330,32 @@ def test_sparse_embedding_gradient_gives_the_dense_update_on_two_ranks(ray_sessi
                                               config=deepspeed_config(cfg, world))
             engine.eval()
             weight = model.backbone.get_input_embeddings().weight
-            for micro, batch in enumerate(batches[:2]):  # one step by hand, to see the gradient DeepSpeed left
-                _, loss = engine(task="cls", **batch)
-                engine.backward(loss)
-            left = weight.grad.is_sparse
-            densify_grads(engine.module)
-            grad = weight.grad.clone()
-            engine.step()
-            it = iter(batches[2:])
-            for _ in range(2):
-                train_step(engine, it, "cls", weighting, cfg.grad_accum)
-            return sparse, left, grad, torch.cat([p.detach().flatten() for p in model.parameters()])
+            seen, grads = [], []  # whether the reduced gradient was sparse, and the dense one the step used
+            original = engine.backward
+
+            def backward(loss):
+                original(loss)
+                seen.append(weight.grad.is_sparse)
+            engine.backward = backward
+            it = iter(batches)
+            for _ in range(3):
+                train_step(engine, it, "cls", weighting, cfg.grad_accum, at_boundary=lambda: grads.append(weight.grad.clone()))
+            return sparse, seen, grads, torch.cat([p.detach().flatten() for p in model.parameters()])
 
         torch.manual_seed(0)
         start = torch.cat([p.detach().flatten() for p in build_model("tiny-bert", heads).parameters()])
-
-        sparse, left_sparse, grad_s, params_s = run(True)
-        dense, left_dense, grad_d, params_d = run(False)
-        assert sparse and left_sparse and not dense and not left_dense
-        assert not grad_s.is_sparse and torch.allclose(grad_s, grad_d, rtol=1e-5, atol=1e-8), (grad_s - grad_d).abs().max()
-        used = grad_d.abs().sum(1) > 0  # the rows some rank's batches used: rank 1 used more of them
-        assert 0 < used.sum() < 1000, used.sum()
-        # Adam divides by the gradient's running scale, so the two sums' rounding shows up to ~1e-6 after three
-        # steps of 1e-2; the steps themselves moved the weights by about 3e-2
-        assert torch.allclose(params_s, params_d, rtol=0, atol=1e-5), (params_s - params_d).abs().max()
+        sparse, seen_s, grads_s, params_s = run(True)
+        dense, seen_d, grads_d, params_d = run(False)
+        assert sparse and seen_s == [True] * 6 and not dense and seen_d == [False] * 6
+        for step, (g_s, g_d) in enumerate(zip(grads_s, grads_d)):
+            assert not g_s.is_sparse
+            # step 0 differs only by the order of the ranks' sums; later steps also by Adam's rounding below
+            assert torch.allclose(g_s, g_d, rtol=1e-3, atol=1e-7), (step, (g_s - g_d).abs().max())
+            used = g_d.abs().sum(1) > 0  # the rows some rank's batches used
+            assert 0 < used.sum() < 1000 and torch.equal(g_s.abs().sum(1) > 0, used), step
+        # Adam divides by each gradient's running scale, so rounding-level differences in small gradients show
+        # as ~1e-4 of the weights after three steps of 1e-2, which moved them by about 3e-2
+        assert torch.allclose(params_s, params_d, rtol=0, atol=5e-4), (params_s - params_d).abs().max()
         assert (params_s - start).abs().max() > 1e-2
         everyone = [torch.zeros_like(params_s) for _ in range(world)]
         dist.all_gather(everyone, params_s)

@@ -151,11 +151,22 @@ def sparse_embedding_grads(model, train: TrainConfig, world: int) -> bool:
 
 def densify_grads(module) -> None:
     """Sparse gradients (`sparse_embedding_grads`, after DeepSpeed's sparse all-reduce) as dense ones, which
-    the optimizer, gradient clipping and loss weighting expect. Rows no batch used get zeros, as a dense
-    embedding gradient has them, so the update is the one the dense gradient would give."""
+    the optimizer, gradient clipping and loss weighting expect. Rows no batch used are zeros, as in a dense
+    embedding gradient, so the update is the one the dense gradient gives. The dense gradient is one buffer
+    per parameter, kept across steps: a fresh vocabulary-sized tensor every step is larger than glibc's
+    largest reusable block (32 MiB), so it would be mapped, faulted in and zeroed page by page each time."""
     for p in module.parameters():
-        if p.grad is not None and p.grad.is_sparse:
-            p.grad = p.grad.to_dense()
+        grad = p.grad
+        if grad is None or not grad.is_sparse:
+            continue
+        grad = grad.coalesce()  # the ranks' rows side by side: duplicates summed
+        dense = getattr(p, "dense_grad", None)
+        if dense is None:
+            dense = p.dense_grad = torch.zeros_like(p)
+        else:
+            dense.zero_()
+        dense.index_copy_(0, grad.indices()[0], grad.values().to(dense.dtype))
+        p.grad = dense
 
 
 def clear_stale_grads(optimizer) -> None:
