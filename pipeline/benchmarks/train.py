@@ -317,7 +317,8 @@ def markdown(r: dict) -> str:
            "given, in the same windows — below 100% when other processes (Ray's daemons and Ray Train's helper actors "
            "on the job side, Ray's daemons on both) take a share of the machine.", "",
            "Phase shares are of the measured training time (windows after the first): data = waiting for the "
-           "next batch; other = logging, loss bookkeeping and reporting; comm = time inside DeepSpeed's collectives "
+           "next batch; other = logging, loss bookkeeping, reporting and (with sparse embedding gradients) making them "
+           "dense again; comm = time inside DeepSpeed's collectives "
            "(comms logger), already part of backward and step. Start-up + end = the job's wall time minus training "
            "windows and evaluation/checkpoint pauses: driver data prep, worker group and engine start, final model.", ""]
     return "\n".join(md)
