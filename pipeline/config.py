@@ -358,7 +358,8 @@ class TrainConfig(Strict):
     """More keys of DeepSpeed's `zero_optimization` section, by DeepSpeed's names (e.g.
     `stage3_param_persistence_threshold`, `stage3_prefetch_bucket_size`, `reduce_bucket_size`,
     `overlap_comm`); checked against DeepSpeed's own schema at load time. The stage and optimizer offload
-    stay `zero_stage` and `offload_optimizer`."""
+    stay `zero_stage` and `offload_optimizer`. `stage3_module_granularity_threshold` (ZeRO-3 leaf modules) is
+    refused on CPU: DeepSpeed 0.19.8 loses the leaves' gradients there."""
     activation_checkpointing: bool = False
     """Recompute each backbone layer's activations in backward instead of storing them: less memory, ~30% more compute."""
     profile: bool = False
@@ -405,6 +406,15 @@ class TrainConfig(Strict):
                                     "use fewer warm-up steps than train.steps"))
         problems += _weighting_problems(self.weighting, self.weighting_options)
         problems += _zero_option_problems(self.zero_stage, self.zero_options)
+        leaf = next((k for k in ("stage3_module_granularity_threshold", "module_granularity_threshold")
+                     if self.zero_options.get(k)), None)
+        if leaf and self.zero_stage == 3 and not self.use_gpu:
+            problems.append(Problem(
+                f"train.zero_options.{leaf}",
+                "ZeRO-3 leaf modules do not train on CPU with DeepSpeed 0.19.8: it reduces a leaf's gradients in the "
+                "leaf's backward hook, which CPU autograd runs before it has accumulated them (the first step then "
+                "fails in zero_grad; with that failure bypassed, the leaves' parameters never change)",
+                "leave it unset on CPU (it is for GPU training; docs/performance.md has the measurement)"))
         if problems:
             raise _Problems(problems)
         return self

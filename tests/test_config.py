@@ -88,6 +88,8 @@ def test_every_problem_is_reported_at_once_with_key_and_fix():
      "mean 'stage3_param_persistence_threshold'?"),
     (["train.zero_options={stage: 2}"], "train.zero_options.stage: is set by the project's own keys — use train.zero_stage"),
     (["train.zero_options={reduce_bucket_size: lots}"], "train.zero_options.reduce_bucket_size: Input should be a valid integer"),
+    (["train.zero_stage=3", "train.zero_options={stage3_module_granularity_threshold: 130000}"],
+     "train.zero_options.stage3_module_granularity_threshold: ZeRO-3 leaf modules do not train on CPU"),
 ])
 def test_impossible_values_fail_at_load(overrides, expected):
     lines = problems(overrides=["tasks={sst2: {}, mrpc: {}}", *overrides])
@@ -121,6 +123,13 @@ def test_config_round_trips_through_yaml():
     cfg = load_config(ROOT / "jobs/configs/glue.yaml")
     again = Config.model_validate(yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))))
     assert again == cfg
+
+
+def test_zero3_leaf_modules_are_refused_on_cpu_only():
+    """The refusal is CPU's: the same option loads at ZeRO-3 on GPUs, and the threshold's 0 (DeepSpeed's off) loads anywhere."""
+    base = ["name=x", "tasks={sst2: {}}", "train.zero_stage=3"]
+    assert load_config(None, [*base, "train.use_gpu=true", "train.zero_options={stage3_module_granularity_threshold: 130000}"])
+    assert load_config(None, [*base, "train.zero_options={stage3_module_granularity_threshold: 0}"])
 
 
 def test_zero_options_reach_deepspeeds_zero_section():

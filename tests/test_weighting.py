@@ -364,6 +364,43 @@ def test_sparse_embedding_gradient_gives_the_dense_update_on_two_ranks(ray_sessi
     TorchTrainer(worker, scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5})).fit()
 
 
+def test_zero3_leaf_modules_still_lose_their_gradients_on_cpu(ray_session):
+    """Why `TrainConfig` refuses `stage3_module_granularity_threshold` on CPU, kept as a check on the pinned
+    DeepSpeed: it reduces a leaf module's gradients in the leaf's full backward hook, and CPU autograd runs that
+    hook before the leaf's parameter gradients are accumulated. So the reduced gradients are zeros, the real ones
+    stay in `.grad`, and the step's `zero_grad` fails on them (`record_stream` of the CPU accelerator's None
+    stream). If this test fails, DeepSpeed has changed: check the update against ZeRO-0 and lift the refusal."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def worker(config):
+        import deepspeed
+        import torch
+        from deepspeed.utils import z3_leaf_module
+
+        from pipeline.config import TrainConfig
+        from pipeline.model.multitask import Head, build_model
+        from pipeline.train.loop import deepspeed_config
+
+        cfg = TrainConfig(zero_stage=3, batch_size=4).model_copy(  # past the refusal, which validation does
+            update={"zero_options": {"stage3_module_granularity_threshold": 3000}})
+        torch.manual_seed(0)
+        model = build_model("tiny-bert", [Head("cls", "classification", 2)], dropout=0.0)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                                          config={**deepspeed_config(cfg, 1), "zero_allow_untested_optimizer": True})
+        assert z3_leaf_module(model.backbone.encoder)  # granularity 2,308 parameters per module, under 3,000
+        batch = {"input_ids": torch.randint(1000, 2000, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+                 "labels": torch.tensor([0., 1., 0., 1.])}
+        _, loss = engine(task="cls", **batch)
+        engine.backward(loss)
+        left = [n for n, p in model.backbone.encoder.named_parameters() if p.grad is not None]
+        assert left, "no leaf gradient was left unreduced: DeepSpeed has changed, see the docstring"
+        with pytest.raises(RuntimeError, match="unknown parameter type"):
+            engine.step()
+
+    TorchTrainer(worker, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5})).fit()
+
+
 TINY = "{rotten_tomatoes: {max_rows: {train: 128, validation: 32}}, bbc_news: {max_rows: {train: 128, validation: 32}}}"
 
 
