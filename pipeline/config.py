@@ -35,8 +35,9 @@ class _Problems(ValueError):
         super().__init__("; ".join(map(str, problems)))
 
 
-def _zero_option_problems(stage: int, options: dict[str, Any]) -> list[Problem]:
-    """train.zero_options against DeepSpeed's ZeRO config schema (its field names and aliases, its types)."""
+def _zero_option_problems(stage: int, options: dict[str, Any], use_gpu: bool) -> list[Problem]:
+    """train.zero_options against DeepSpeed's ZeRO config schema (its field names and aliases, its types), and
+    against what does not train on CPU."""
     if not options:
         return []
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -58,6 +59,14 @@ def _zero_option_problems(stage: int, options: dict[str, Any]) -> list[Problem]:
             for e in err.errors():
                 problems.append(Problem(f"train.zero_options.{'.'.join(map(str, e['loc']))}", e["msg"],
                                         "give a value of the type DeepSpeed documents for it"))
+    leaf = ("module_granularity_threshold", DeepSpeedZeroConfig.model_fields["module_granularity_threshold"].alias)
+    if not problems and stage == 3 and not use_gpu:
+        problems += [Problem(f"train.zero_options.{key}",
+                             "ZeRO-3 leaf modules do not train on CPU with DeepSpeed 0.19.8: it reduces a leaf's gradients "
+                             "in the leaf's backward hook, which CPU autograd runs before it has accumulated them (the first "
+                             "step then fails in zero_grad; with that failure bypassed, the leaves' parameters never change)",
+                             "leave it unset on CPU (it is for GPU training; tests/bench/results/train_zero3_leaf has the "
+                             "measurement)") for key in leaf if options.get(key)]
     return problems
 
 
@@ -405,16 +414,7 @@ class TrainConfig(Strict):
             problems.append(Problem("train.warmup_steps", f"{self.warmup_steps} warm-up steps of {self.steps} in total",
                                     "use fewer warm-up steps than train.steps"))
         problems += _weighting_problems(self.weighting, self.weighting_options)
-        problems += _zero_option_problems(self.zero_stage, self.zero_options)
-        leaf = next((k for k in ("stage3_module_granularity_threshold", "module_granularity_threshold")
-                     if self.zero_options.get(k)), None)
-        if leaf and self.zero_stage == 3 and not self.use_gpu:
-            problems.append(Problem(
-                f"train.zero_options.{leaf}",
-                "ZeRO-3 leaf modules do not train on CPU with DeepSpeed 0.19.8: it reduces a leaf's gradients in the "
-                "leaf's backward hook, which CPU autograd runs before it has accumulated them (the first step then "
-                "fails in zero_grad; with that failure bypassed, the leaves' parameters never change)",
-                "leave it unset on CPU (it is for GPU training; docs/performance.md has the measurement)"))
+        problems += _zero_option_problems(self.zero_stage, self.zero_options, self.use_gpu)
         if problems:
             raise _Problems(problems)
         return self

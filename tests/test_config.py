@@ -90,6 +90,8 @@ def test_every_problem_is_reported_at_once_with_key_and_fix():
     (["train.zero_options={reduce_bucket_size: lots}"], "train.zero_options.reduce_bucket_size: Input should be a valid integer"),
     (["train.zero_stage=3", "train.zero_options={stage3_module_granularity_threshold: 130000}"],
      "train.zero_options.stage3_module_granularity_threshold: ZeRO-3 leaf modules do not train on CPU"),
+    (["train.zero_stage=3", "train.zero_options={module_granularity_threshold: 5}"],
+     "train.zero_options.module_granularity_threshold: ZeRO-3 leaf modules do not train on CPU"),
 ])
 def test_impossible_values_fail_at_load(overrides, expected):
     lines = problems(overrides=["tasks={sst2: {}, mrpc: {}}", *overrides])
