@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 PER_SEED = 6
-SETTINGS = ((15, 3), (15, 4), (15, 2), (30, 3))  # (grace period, reduction factor) in steps
+SETTINGS = ((15, 3), (15, 4), (15, 2), (30, 3), (30, 4), (30, 6), (30, 8))  # (grace period, reduction factor) in steps
 KEEP = ("report_every=", "train.steps=", "train.warmup_steps=", "register_as=", "tasks=")
 
 
