@@ -24,7 +24,7 @@ from pipeline import storage
 from pipeline.config import Config, config_to_dict
 from pipeline.data.preprocess import PreparedTask, prepare_tasks
 from pipeline.errors import PipelineError, Problem
-from pipeline.runtime import KEEP_FREED_MEMORY, VERBOSE
+from pipeline.runtime import KEEP_FREED_MEMORY, VERBOSE, malloc_env
 from pipeline.train.failure import (RunFailed, clear_failure, last_checkpoint_step, log_failure, resume_command,
                                     take_failure, what_died)
 from pipeline.train.mixing import Mixture, normalise_weights
@@ -136,11 +136,12 @@ def _task_meta(cfg: Config, spec) -> dict[str, Any]:
     return meta
 
 
-def _worker_env() -> dict | None:
-    """Variables of this process the training workers need too: --verbose, $MTL_KEEP_FREED_MEMORY, and fault injection (tests)."""
+def _worker_env() -> dict:
+    """Variables of this process the training workers need too: --verbose, $MTL_KEEP_FREED_MEMORY, and fault
+    injection (tests); and glibc's malloc with one arena (`malloc_env`: Ray Train runs the loop on a thread)."""
     from pipeline.eval.metrics import FAULT_METRIC
     env = {k: os.environ[k] for k in (FAULT_METRIC, VERBOSE, KEEP_FREED_MEMORY) if k in os.environ}
-    return {"env_vars": env} if env else None
+    return {"env_vars": {**env, **malloc_env()}}
 
 
 def _worker_job(cfg: Config, prepared: dict[str, PreparedTask], weights: dict[str, float], train_rows: dict[str, int],
