@@ -18,6 +18,12 @@ VARIANTS = {
     "persist": (3, {"stage3_param_persistence_threshold": 20_000_000}),  # above MiniLM's largest tensor: nothing partitioned
     "no_mel": (3, {"memory_efficient_linear": False}),  # torch's F.linear instead of DeepSpeed's LinearFunctionForZeroStage3
     "no_mel_persist": (3, {"memory_efficient_linear": False, "stage3_param_persistence_threshold": 20_000_000}),
+    # DeepSpeed's defaults already hold MiniLM (22.7M parameters) in one bucket (prefetch 5e7, reduce 5e8): only
+    # smaller buckets, no prefetch or no overlap of communication with compute (2 cores for both) can differ
+    "no_prefetch": (3, {"stage3_prefetch_bucket_size": 0}),
+    "no_overlap": (3, {"overlap_comm": False}),
+    "no_overlap_no_prefetch": (3, {"overlap_comm": False, "stage3_prefetch_bucket_size": 0}),
+    "small_buckets": (3, {"stage3_prefetch_bucket_size": 1_000_000, "reduce_bucket_size": 1_000_000}),
     # leaf modules do not train on CPU with DeepSpeed 0.19.8 (tests/bench/results/train_zero3_leaf): these two fail
     "encoder_leaf": (3, {"stage3_module_granularity_threshold": 130_000}),  # MiniLM's encoder (granularity 125,256) fetched whole
     "model_leaf": (3, {"stage3_module_granularity_threshold": 100_000_000}),  # the whole model fetched whole
