@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from pipeline.runtime import ARENA_MAX, KEEP_FREED_MEMORY, malloc_env
+
 STEPS = """
 import json, resource, sys
 import numpy as np
@@ -41,7 +43,9 @@ print(json.dumps(out))
 
 
 def _faults(where: str = "main", **env) -> dict:
-    base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "MTL_KEEP_FREED_MEMORY")}
+    """The steps in a fresh interpreter, on its main thread or another; `env` on top of this process's environment
+    without its malloc settings."""
+    base = {k: v for k, v in os.environ.items() if k not in (ARENA_MAX, KEEP_FREED_MEMORY)}
     done = subprocess.run([sys.executable, "-c", STEPS, where], env={**base, **env}, capture_output=True, text=True,
                           timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr
@@ -60,8 +64,9 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux only")
-def test_a_training_thread_reuses_freed_blocks_with_one_arena():
-    from pipeline.runtime import malloc_env
+def test_a_training_thread_reuses_freed_blocks_with_one_arena(monkeypatch):
+    monkeypatch.delenv(ARENA_MAX, raising=False)
+    monkeypatch.delenv(KEEP_FREED_MEMORY, raising=False)
     pages = 20 * 40 * (4 << 20) // 4096
     # another thread than the main one has its own arena, whose freed 64 MiB heaps glibc unmaps whatever the
     # trim threshold: keep_freed_memory alone does not stop the faults there (measured: about 105k of 819k pages)
@@ -72,11 +77,13 @@ def test_a_training_thread_reuses_freed_blocks_with_one_arena():
 
 
 def test_training_workers_get_one_malloc_arena_unless_told_otherwise(monkeypatch):
+    from pipeline.eval.metrics import FAULT_METRIC
+    from pipeline.runtime import VERBOSE
     from pipeline.train.driver import _worker_env
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    monkeypatch.delenv("MTL_KEEP_FREED_MEMORY", raising=False)
-    assert _worker_env()["env_vars"]["MALLOC_ARENA_MAX"] == "1"
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's own setting is passed on
-    assert _worker_env()["env_vars"]["MALLOC_ARENA_MAX"] == "4"
-    monkeypatch.setenv("MTL_KEEP_FREED_MEMORY", "0")  # glibc's defaults, as keep_freed_memory then leaves them
-    assert _worker_env()["env_vars"] == {"MTL_KEEP_FREED_MEMORY": "0"}
+    for name in (ARENA_MAX, KEEP_FREED_MEMORY, FAULT_METRIC, VERBOSE):  # only what this test sets reaches the workers
+        monkeypatch.delenv(name, raising=False)
+    assert _worker_env() == {"env_vars": {ARENA_MAX: "1"}}
+    monkeypatch.setenv(ARENA_MAX, "4")  # the user's own setting is passed on
+    assert _worker_env() == {"env_vars": {ARENA_MAX: "4"}}
+    monkeypatch.setenv(KEEP_FREED_MEMORY, "0")  # glibc's defaults, as keep_freed_memory then leaves them
+    assert _worker_env() == {"env_vars": {KEEP_FREED_MEMORY: "0"}}

@@ -31,6 +31,7 @@ def launch(cfg, prepared: dict, weights: dict[str, float], *, timeout: float = 3
     import socket
 
     from pipeline.config import config_to_dict
+    from pipeline.runtime import malloc_env
     with tempfile.TemporaryDirectory(prefix="bench-torchrun-") as tmp:
         job = Path(tmp) / "in.json"
         out = Path(tmp) / "out.json"
@@ -40,7 +41,6 @@ def launch(cfg, prepared: dict, weights: dict[str, float], *, timeout: float = 3
         with socket.socket() as s:  # a free port for the rendezvous, on 127.0.0.1 only
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        from pipeline.runtime import malloc_env
         env = {**os.environ, **malloc_env(), "OMP_NUM_THREADS": str(max(1, int(cfg.train.cpus_per_worker))),
                "DS_ACCELERATOR": "cuda" if cfg.train.use_gpu else "cpu"}
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cfg.train.num_workers}",
